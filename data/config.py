@@ -1,0 +1,273 @@
+"""The one configuration: which organs exist, and for each dataset which organs it labels.
+
+A YAML file (``configs/default.yaml`` reproduces the seed) is loaded into frozen dataclasses and
+checked once at load time; scripts override single fields with argparse flags.
+
+Class indices: 0 is background, organ ``organs[i]`` is class ``i + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.errors import InputError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+LAYOUTS = ("auto", "seed", "msd", "kits19")
+# A label value may be declared as background: structures a dataset labels but UniMOS does not model.
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset and what its label files mean.
+
+    Attributes:
+        name: dataset name, also its folder under the data root unless ``path`` is set.
+        labels: file label value -> organ name, or ``background`` for structures the model
+            ignores; values not listed are an error (0 is always background).
+        path: folder relative to the data root (or absolute); defaults to ``name``.
+        layout: ``seed`` (label/ labeled/ unlabeled/ validation/), ``msd`` (dataset.json,
+            imagesTr/labelsTr/imagesTs), ``kits19`` (case_XXXXX/imaging + segmentation), or ``auto``.
+        image_token / label_token: seed layout pairing; the case key of ``volume-7.nii`` with
+            image_token ``volume`` is ``-7``, matched with ``segmentation-7.nii`` (label_token
+            ``segmentation``). Both None: image and label share the file name.
+        val_fraction: for layouts without a validation folder, the share of labeled cases
+            (the last ones in sorted order) held out for validation.
+        optional: a missing folder is skipped instead of being an error.
+    """
+
+    name: str
+    labels: dict[int, str]
+    path: str | None = None
+    layout: str = "auto"
+    image_token: str | None = None
+    label_token: str | None = None
+    val_fraction: float = 0.2
+    optional: bool = False
+
+    def folder(self, data_root: str | Path) -> Path:
+        p = Path(self.path) if self.path else Path(self.name)
+        return p if p.is_absolute() else Path(data_root) / p
+
+    def organ_names(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for organ in self.labels.values():
+            if organ not in seen and organ != BACKGROUND:
+                seen.append(organ)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Organs, datasets and preprocessing shared by every script.
+
+    Attributes:
+        organs: organ names; class ``i + 1`` is ``organs[i]``.
+        datasets: the datasets, in the order training cycles through them.
+        hu_window: CT intensities clipped to this window and scaled to [-1, 1].
+        inplane_size: ``resample.py``'s in-plane grid (s1, s2).
+        components: organs kept as more than one connected component in post-processing.
+        class_weights: cross-entropy weight of background and of organs (the original's 0.2/1.2).
+        source: the YAML file this came from (for messages).
+    """
+
+    organs: tuple[str, ...]
+    datasets: tuple[DatasetSpec, ...]
+    hu_window: tuple[float, float] = (-200.0, 200.0)
+    inplane_size: tuple[int, int] = (256, 256)
+    components: dict[str, int] = field(default_factory=lambda: {"kidney": 2})
+    class_weights: tuple[float, float] = (0.2, 1.2)
+    source: str = "<memory>"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.organs) + 1
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return ("background", *self.organs)
+
+    def organ_index(self, organ: str) -> int:
+        return self.organs.index(organ) + 1
+
+    def dataset(self, name: str) -> DatasetSpec:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def labeled_classes(self, dataset: DatasetSpec) -> tuple[int, ...]:
+        """Classes a dataset's labels speak for: background plus its organs, sorted."""
+        return (0, *sorted(self.organ_index(o) for o in dataset.organ_names()))
+
+    def labeled_mask(self, dataset: DatasetSpec) -> np.ndarray:
+        """Boolean (num_classes,) mask of :meth:`labeled_classes`."""
+        mask = np.zeros(self.num_classes, dtype=bool)
+        mask[list(self.labeled_classes(dataset))] = True
+        return mask
+
+    def is_fully_labeled(self, dataset: DatasetSpec) -> bool:
+        return set(dataset.organ_names()) == set(self.organs)
+
+    def label_lut(self, dataset: DatasetSpec) -> np.ndarray:
+        """Lookup table file value -> class index; undeclared values map to 255."""
+        top = max([0, *dataset.labels.keys()])
+        lut = np.full(max(256, top + 1), 255, dtype=np.uint8)
+        lut[0] = 0
+        for value, organ in dataset.labels.items():
+            lut[value] = 0 if organ == BACKGROUND else self.organ_index(organ)
+        return lut
+
+    def map_labels(self, dataset: DatasetSpec, array: np.ndarray, path: str | Path) -> np.ndarray:
+        """Map a label file's values to class indices (uint8).
+
+        Raises:
+            InputError: negative, non-integer or undeclared label values (names the file).
+        """
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all():
+                raise InputError(path, "label map contains NaN/Inf")
+            if not np.array_equal(array, np.round(array)):
+                raise InputError(path, "label map has non-integer values (was it resampled linearly?)")
+        values = np.unique(array)
+        if values.size and values.min() < 0:
+            raise InputError(path, f"label map has negative values {values[values < 0][:5].tolist()}")
+        lut = self.label_lut(dataset)
+        declared = set(dataset.labels) | {0}
+        undeclared = [int(v) for v in values if int(v) not in declared]
+        if undeclared:
+            raise InputError(path, f"label values {undeclared} are not declared for dataset "
+                             f"{dataset.name} (declared: {sorted(declared)}; see {self.source})")
+        return lut[array.astype(np.int64)]
+
+
+def _as_pair(value: Any, key: str, source: str, cast=float) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InputError(source, f"'{key}' must be a list of two numbers, got {value!r}")
+    return (cast(value[0]), cast(value[1]))
+
+
+def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) -> DatasetSpec:
+    if not isinstance(raw, dict):
+        raise InputError(source, f"dataset '{name}' must be a mapping")
+    allowed = {"labels", "path", "layout", "image_token", "label_token", "val_fraction", "optional"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise InputError(source, f"dataset '{name}': unknown keys {sorted(unknown)} "
+                         f"(allowed: {sorted(allowed)})")
+    labels_raw = raw.get("labels")
+    if not isinstance(labels_raw, dict) or not labels_raw:
+        raise InputError(source, f"dataset '{name}' needs 'labels': a map of file value -> organ")
+    labels: dict[int, str] = {}
+    for value, organ in labels_raw.items():
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            raise InputError(source, f"dataset '{name}': label value {value!r} is not an integer") from None
+        if v <= 0 or v > 255:
+            raise InputError(source, f"dataset '{name}': label value {v} must be in 1..255")
+        if organ not in organs and organ != BACKGROUND:
+            raise InputError(source, f"dataset '{name}': label {v} maps to unknown organ "
+                             f"'{organ}' (organs: {list(organs)})")
+        labels[v] = organ
+    layout = raw.get("layout", "auto")
+    if layout not in LAYOUTS:
+        raise InputError(source, f"dataset '{name}': layout must be one of {LAYOUTS}, got {layout!r}")
+    val_fraction = float(raw.get("val_fraction", 0.2))
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(source, f"dataset '{name}': val_fraction must be in [0, 1)")
+    image_token, label_token = raw.get("image_token"), raw.get("label_token")
+    if (image_token is None) != (label_token is None):
+        raise InputError(source, f"dataset '{name}': give both image_token and label_token or neither")
+    return DatasetSpec(name=name, labels=labels, path=raw.get("path"), layout=layout,
+                       image_token=image_token, label_token=label_token,
+                       val_fraction=val_fraction, optional=bool(raw.get("optional", False)))
+
+
+def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
+    """Build and check a :class:`Config` from a parsed YAML mapping.
+
+    Raises:
+        InputError: naming ``source`` and the offending key.
+    """
+    if not isinstance(raw, dict):
+        raise InputError(source, "config must be a YAML mapping")
+    allowed = {"organs", "datasets", "hu_window", "inplane_size", "components", "class_weights"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise InputError(source, f"unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    organs = raw.get("organs")
+    if not isinstance(organs, list) or not organs or not all(isinstance(o, str) for o in organs):
+        raise InputError(source, "'organs' must be a non-empty list of names")
+    if len(set(organs)) != len(organs) or "background" in organs:
+        raise InputError(source, "'organs' must be unique and must not contain 'background'")
+    organs_t = tuple(organs)
+    ds_raw = raw.get("datasets")
+    if not isinstance(ds_raw, dict) or not ds_raw:
+        raise InputError(source, "'datasets' must be a non-empty mapping of name -> settings")
+    datasets = tuple(_parse_dataset(str(n), d, organs_t, source) for n, d in ds_raw.items())
+    for d in datasets:
+        if not d.organ_names():
+            raise InputError(source, f"dataset '{d.name}' labels no organ of {list(organs_t)}")
+    kwargs: dict[str, Any] = {}
+    if "hu_window" in raw:
+        lo, hi = _as_pair(raw["hu_window"], "hu_window", source)
+        if not lo < hi:
+            raise InputError(source, "'hu_window' must be [low, high] with low < high")
+        kwargs["hu_window"] = (lo, hi)
+    if "inplane_size" in raw:
+        kwargs["inplane_size"] = _as_pair(raw["inplane_size"], "inplane_size", source, int)
+    if "class_weights" in raw:
+        kwargs["class_weights"] = _as_pair(raw["class_weights"], "class_weights", source)
+    if "components" in raw:
+        comps = raw["components"]
+        if not isinstance(comps, dict) or any(k not in organs_t for k in comps):
+            raise InputError(source, "'components' must map organ names to counts")
+        kwargs["components"] = {str(k): int(v) for k, v in comps.items()}
+    return Config(organs=organs_t, datasets=datasets, source=source, **kwargs)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and check a YAML config (default: ``configs/default.yaml``).
+
+    Raises:
+        InputError: missing file, YAML syntax error, or invalid content.
+    """
+    import yaml
+
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise InputError(path, "config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(path, f"invalid YAML ({str(err).splitlines()[0]})") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain-data form of a config (what checkpoints store; loads back with config_from_dict)."""
+    return {
+        "organs": list(config.organs),
+        "hu_window": list(config.hu_window),
+        "inplane_size": list(config.inplane_size),
+        "components": dict(config.components),
+        "class_weights": list(config.class_weights),
+        "datasets": {
+            d.name: {
+                "labels": {int(k): v for k, v in d.labels.items()},
+                **({"path": d.path} if d.path else {}),
+                "layout": d.layout,
+                **({"image_token": d.image_token, "label_token": d.label_token}
+                   if d.image_token else {}),
+                "val_fraction": d.val_fraction,
+                "optional": d.optional,
+            }
+            for d in config.datasets
+        },
+    }

@@ -1,0 +1,366 @@
+"""Volumes with their geometry, read and written without losing a voxel of alignment.
+
+Axis-order contract (used everywhere in UniMOS)
+-----------------------------------------------
+* ``Volume.array`` is a numpy array indexed ``[k, j, i]`` -- SimpleITK's numpy order, the reverse of
+  the ITK/NIfTI index ``(i, j, k)``.
+* ``Geometry.spacing`` and ``Geometry.origin`` are in ITK order ``(x, y, z)`` = index axes
+  ``(i, j, k)``, in millimetres, in ITK's LPS world frame. ``Geometry.direction`` is the row-major
+  3x3 matrix whose *columns* are the world directions of the index axes ``i, j, k``.
+* The *canonical* orientation is ITK "LPS": index ``i`` runs towards the patient's left, ``j``
+  towards posterior, ``k`` towards superior. A canonical array is therefore ``[S, P, L]``-ordered:
+  axis 0 is the slice (superior-inferior) axis, and
+
+  - axial slices are ``array[z]``       (view ``axial``, slice axis 0),
+  - coronal slices are ``array[:, y]``  (view ``coronal``, slice axis 1),
+  - sagittal slices are ``array[:, :, x]`` (view ``sagittal``, slice axis 2).
+
+  :func:`to_canonical` brings any volume there by an axis permutation and flips only (no
+  interpolation), and :class:`Orientation` maps predictions back exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".mha", ".mhd", ".nrrd")
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid sits in the world (ITK conventions, LPS, millimetres).
+
+    Attributes:
+        shape: array shape ``(nk, nj, ni)`` (numpy order).
+        spacing: voxel size along index axes ``(i, j, k)``.
+        origin: world position of voxel ``(0, 0, 0)``.
+        direction: row-major 3x3; column ``a`` is the world direction of index axis ``a``.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Grid size in ITK index order ``(ni, nj, nk)``."""
+        return (self.shape[2], self.shape[1], self.shape[0])
+
+    def index_to_world(self, index: np.ndarray) -> np.ndarray:
+        """World coordinates of continuous ITK indices ``(..., 3)`` in ``(i, j, k)`` order."""
+        index = np.asarray(index, dtype=np.float64)
+        return np.asarray(self.origin) + (index * np.asarray(self.spacing)) @ self.direction_matrix.T
+
+    def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
+        """True when both grids coincide (shape exact; spacing/origin/direction within ``tol``)."""
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)
+            and np.allclose(self.origin, other.origin, rtol=tol, atol=tol * 10)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    def describe(self) -> str:
+        sp = ", ".join(f"{s:.4g}" for s in self.spacing)
+        org = ", ".join(f"{o:.4g}" for o in self.origin)
+        return f"shape {self.shape} spacing ({sp}) origin ({org})"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array together with its geometry. See the module docstring for the axis contract."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume needs a 3D array, got shape {self.array.shape}")
+        if tuple(self.array.shape) != tuple(self.geometry.shape):
+            raise ValueError(f"array shape {self.array.shape} != geometry shape {self.geometry.shape}")
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """Same grid, new voxel values (shape must match)."""
+        return Volume(array, self.geometry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orientation: permutations and flips only, so canonical <-> original is lossless.
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How an original grid maps to the canonical LPS grid.
+
+    Attributes:
+        perm: ``perm[c]`` is the original ITK index axis that becomes canonical index axis ``c``.
+        flip: ``flip[c]`` is True when canonical axis ``c`` runs against the original axis.
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    def _numpy_axes(self) -> list[int]:
+        # canonical numpy axis n is canonical index axis 2-n, i.e. original index axis perm[2-n],
+        # which is original numpy axis 2-perm[2-n].
+        return [2 - self.perm[2 - n] for n in range(3)]
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Original-order array (last three axes) -> canonical order. Returns a view when possible."""
+        lead = array.ndim - 3
+        axes = list(range(lead)) + [lead + a for a in self._numpy_axes()]
+        out = np.transpose(array, axes)
+        flip_axes = tuple(lead + 2 - c for c in range(3) if self.flip[c])
+        return np.flip(out, flip_axes) if flip_axes else out
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        """Canonical-order array (last three axes) -> original order."""
+        lead = array.ndim - 3
+        flip_axes = tuple(lead + 2 - c for c in range(3) if self.flip[c])
+        if flip_axes:
+            array = np.flip(array, flip_axes)
+        fwd = self._numpy_axes()
+        inv = [0, 0, 0]
+        for n, a in enumerate(fwd):
+            inv[a] = n
+        return np.transpose(array, list(range(lead)) + [lead + a for a in inv])
+
+
+def orientation_of(direction: np.ndarray | tuple[float, ...]) -> Orientation:
+    """Find the permutation/flips that bring index axes closest to L, P, S (works for oblique grids).
+
+    Each world axis takes the index axis with the largest absolute cosine, greedily from the most
+    certain pair, so an oblique grid still gets a proper permutation.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    weights = np.abs(d).copy()
+    perm = [-1, -1, -1]
+    for _ in range(3):
+        w, a = np.unravel_index(np.argmax(weights), weights.shape)
+        perm[w] = int(a)
+        weights[w, :] = -1.0
+        weights[:, a] = -1.0
+    flip = tuple(bool(d[w, perm[w]] < 0) for w in range(3))
+    return Orientation(tuple(perm), flip)  # type: ignore[arg-type]
+
+
+def slice_axis_index(geometry: Geometry) -> int:
+    """The ITK index axis (0=i, 1=j, 2=k) closest to the patient's superior-inferior direction."""
+    return orientation_of(geometry.direction).perm[2]
+
+
+def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
+    """Reorient a volume to canonical LPS (see module docstring) without interpolation.
+
+    Returns:
+        The canonical volume (contiguous array, geometry describing the same physical voxels) and
+        the :class:`Orientation` whose ``invert`` maps canonical arrays back to the input's order.
+    """
+    geo = volume.geometry
+    ori = orientation_of(geo.direction)
+    d = geo.direction_matrix
+    size = geo.size
+    spacing = tuple(float(geo.spacing[ori.perm[c]]) for c in range(3))
+    new_d = np.zeros((3, 3))
+    start = np.zeros(3)
+    for c in range(3):
+        a = ori.perm[c]
+        new_d[:, c] = -d[:, a] if ori.flip[c] else d[:, a]
+        if ori.flip[c]:
+            start[a] = size[a] - 1
+    origin = geo.index_to_world(start)
+    array = np.ascontiguousarray(ori.apply(volume.array))
+    new_geo = Geometry(
+        shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+        spacing=spacing,  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in new_d.ravel()),
+    )
+    return Volume(array, new_geo), ori
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def is_volume_path(path: Path) -> bool:
+    """True for a file with a volume suffix or a folder that may hold a DICOM series."""
+    name = path.name.lower()
+    if path.is_dir():
+        return any(p.suffix.lower() in ("", ".dcm", ".ima") for p in path.iterdir() if p.is_file())
+    return name.endswith(VOLUME_SUFFIXES) and not name.startswith(".")
+
+
+def strip_volume_suffix(name: str) -> str:
+    """``case_001.nii.gz`` -> ``case_001``."""
+    lower = name.lower()
+    for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _sitk():
+    import SimpleITK as sitk  # noqa: N813 -- imported lazily: scripts start fast, tests stay light
+
+    return sitk
+
+
+def _read_image(path: Path):
+    sitk = _sitk()
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        ids = reader.GetGDCMSeriesIDs(str(path))
+        if not ids:
+            raise InputError(path, "folder holds no DICOM series")
+        # A folder may hold scouts or several reconstructions: take the series with most slices.
+        files = max((reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len)
+        reader.SetFileNames(files)
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def read_image_sitk(path: str | Path):
+    """Read a NIfTI/MHA/NRRD file or DICOM series folder as a 3D SimpleITK image.
+
+    Raises:
+        InputError: missing, unreadable, corrupt, not 3D (4D / multi-component), zero-sized.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    try:
+        img = _read_image(path)
+    except InputError:
+        raise
+    except Exception as err:  # SimpleITK raises RuntimeError with a multi-line ITK dump
+        first = str(err).strip().splitlines()
+        reason = next((ln.strip() for ln in first if "rror" in ln or "annot" in ln), "")
+        raise InputError(path, f"cannot read volume (corrupt or not a supported format) {reason}"
+                         .rstrip()) from None
+    sitk = _sitk()
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "expected a scalar 3D volume")
+    if img.GetDimension() == 4:
+        size = list(img.GetSize())
+        if size[3] != 1:
+            raise InputError(path, f"is a 4D volume (size {tuple(size)}); expected 3D")
+        img = sitk.Extract(img, size[:3] + [0], [0, 0, 0, 0])
+    if img.GetDimension() != 3:
+        raise InputError(path, f"is {img.GetDimension()}D; expected a 3D volume")
+    if 0 in img.GetSize():
+        raise InputError(path, f"has a zero-sized dimension (size {img.GetSize()})")
+    return img
+
+
+def _geometry_of(img) -> Geometry:
+    size = img.GetSize()
+    return Geometry(
+        shape=(int(size[2]), int(size[1]), int(size[0])),
+        spacing=tuple(float(s) for s in img.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in img.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in img.GetDirection()),
+    )
+
+
+def read_volume(path: str | Path, check_finite: bool = True) -> Volume:
+    """Read a volume (NIfTI, MHA/NRRD or DICOM series folder) with its geometry, dtype kept.
+
+    Raises:
+        InputError: see :func:`read_image_sitk`; also NaN/Inf voxels when ``check_finite``.
+    """
+    sitk = _sitk()
+    img = read_image_sitk(path)
+    array = sitk.GetArrayFromImage(img)
+    if check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise InputError(path, f"contains {bad} NaN/Inf voxels")
+    geo = _geometry_of(img)
+    if any(not math.isfinite(s) or s <= 0 for s in geo.spacing):
+        raise InputError(path, f"has invalid voxel spacing {geo.spacing}")
+    return Volume(array, geo)
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """Read only the header geometry of a volume file (cheap for NIfTI)."""
+    sitk = _sitk()
+    path = Path(path)
+    if path.is_dir():
+        return _geometry_of(read_image_sitk(path))
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception:
+        raise InputError(path, "cannot read volume header (corrupt or not a supported format)") from None
+    if reader.GetDimension() != 3 and not (reader.GetDimension() == 4 and reader.GetSize()[3] == 1):
+        raise InputError(path, f"is {reader.GetDimension()}D (size {reader.GetSize()}); expected 3D")
+    size = reader.GetSize()[:3]
+    direction = reader.GetDirection()
+    if len(direction) == 16:
+        direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
+    return Geometry(
+        shape=(int(size[2]), int(size[1]), int(size[0])),
+        spacing=tuple(float(s) for s in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
+    )
+
+
+def to_sitk(volume: Volume):
+    """A SimpleITK image with the volume's values and exact geometry."""
+    sitk = _sitk()
+    img = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    img.SetSpacing(volume.geometry.spacing)
+    img.SetOrigin(volume.geometry.origin)
+    img.SetDirection(volume.geometry.direction)
+    return img
+
+
+def from_sitk(img) -> Volume:
+    """Inverse of :func:`to_sitk`."""
+    return Volume(_sitk().GetArrayFromImage(img), _geometry_of(img))
+
+
+def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> None:
+    """Write a volume with its exact geometry, atomically (no partial file on failure).
+
+    Raises:
+        InputError: when the output folder cannot be created or written.
+    """
+    from utils.fileio import atomic_path
+
+    sitk = _sitk()
+    img = to_sitk(volume)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(img, str(tmp), compress)
+        except RuntimeError as err:
+            raise InputError(path, f"cannot write volume ({str(err).strip().splitlines()[-1]})") from None
+
+
+def with_geometry(volume: Volume, **changes) -> Volume:
+    """Copy of ``volume`` with some geometry fields replaced (shape must stay consistent)."""
+    return Volume(volume.array, replace(volume.geometry, **changes))

@@ -1,0 +1,1 @@
+"""Small shared helpers: errors for bad input, atomic file writes, CLI wrapper, logging."""

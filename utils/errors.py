@@ -1,0 +1,61 @@
+"""One exception type for bad input, and the CLI wrapper that turns it into one line and exit code 2.
+
+Every script calls its ``main`` through :func:`run_cli`, so a missing file, a corrupt volume or a
+foreign checkpoint ends with ``error: <file>: <problem>`` on stderr instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """Bad user input: a file or folder that is missing, unreadable or inconsistent.
+
+    Args:
+        path: the offending file or folder (may be None for pure argument errors).
+        problem: one sentence saying what is wrong.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a script's ``main`` and exit; bad input becomes one line on stderr and exit code 2."""
+    try:
+        code = main(argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(code or 0))
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return ``path`` as a Path, or raise InputError when it is not an existing file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, f"{what} does not exist")
+    if not p.is_file():
+        raise InputError(p, f"{what} is not a file")
+    return p
+
+
+def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Return ``path`` as a Path, or raise InputError when it is not an existing folder."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, f"{what} does not exist")
+    if not p.is_dir():
+        raise InputError(p, f"{what} is not a folder")
+    return p
