@@ -22,8 +22,6 @@ Best/last checkpoints are named as the original: ``resu_best_{view}.pth.tar`` an
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +83,7 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None,
         raise InputError(p, "checkpoint does not exist")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
-            AttributeError, OSError) as err:
+    except Exception as err:  # any failure to unpickle means the same thing to the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise InputError(p, f"not a loadable checkpoint (corrupt, truncated, or not safe to load: "
                          f"{reason})") from None

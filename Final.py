@@ -1,0 +1,108 @@
+"""Train UniMOS (one view) on partially labeled + unlabeled CT datasets.
+
+Usage (see README.md):
+    python Final.py --data ./data --out ./runs/unimos --view axial
+    torchrun --nproc_per_node 4 Final.py ...          # several GPUs
+    sbatch Final.sh                                   # Slurm
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from utils.errors import run_cli
+
+
+def _bool_or_none(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--config", default=None, help="dataset/organ YAML (default configs/default.yaml)")
+    g.add_argument("--data", default="./data", help="root holding one folder per dataset")
+    g.add_argument("--datasets", default=None, help="comma-separated subset of the config's datasets")
+    g.add_argument("--cache", default=None, help="slice cache folder (default DATA/.unimos_cache)")
+    g.add_argument("--inplane", type=int, nargs=2, default=None, metavar=("S1", "S2"),
+                   help="in-plane grid of the cache (default: the config's inplane_size)")
+    g.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    g.add_argument("--view", default="axial", choices=("axial", "coronal", "sagittal"))
+    g.add_argument("-s", "--slices", type=int, default=3, help="adjacent slices per 2.5D input")
+    g.add_argument("--blocksize", type=int, default=224, help="random crop size (multiple of 16)")
+    g.add_argument("--fg-prob", type=float, default=0.8,
+                   help="probability of centring a sample on a slice holding a labeled organ")
+    g.add_argument("--no-flip", action="store_true", help="disable random flips of labeled samples")
+    g.add_argument("--mix", default="batch", choices=("batch", "alternate"),
+                   help="mix datasets within each batch, or give each step one dataset in turn")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=int, default=64, help="base channel width (paper: 64)")
+    g.add_argument("--blocks", default=None, help="residual blocks per encoder level, e.g. 1,1,1,1,1")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=2500)
+    g.add_argument("--steps-per-epoch", type=int, default=100)
+    g.add_argument("-b", "--batchsize", type=int, default=8)
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="step", choices=("step", "poly", "cosine"),
+                   help="step: lr * lr_decay every lr_decay_every epochs (the original)")
+    g.add_argument("--lr-decay", type=float, default=0.99)
+    g.add_argument("--lr-decay-every", type=int, default=40)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--clip-grad", type=float, default=0.0, help="gradient norm clip (0: off)")
+    g.add_argument("--loss", default="tal", choices=("tal", "naive"),
+                   help="tal: target adaptive loss; naive: unlabeled organs count as background")
+    g.add_argument("--dice-weight", type=float, default=0.0, help="weight of soft Dice beside CE")
+
+    g = p.add_argument_group("semi-supervised")
+    g.add_argument("--semi", dest="semi", action="store_true", default=None,
+                   help="use unlabeled volumes (default: on when any are found)")
+    g.add_argument("--no-semi", dest="semi", action="store_false")
+    g.add_argument("--unlabeled-batchsize", type=int, default=0, help="default: --batchsize")
+    g.add_argument("--teacher", default="self", choices=("self", "ema"),
+                   help="self: UniMatch (the model itself); ema: mean teacher")
+    g.add_argument("--ema-momentum", type=float, default=0.99)
+    g.add_argument("--pseudo", default="merged", choices=("merged", "full"),
+                   help="pseudo-labels in the source dataset's merged label space, or every organ")
+    g.add_argument("--threshold", default="schedule",
+                   help="confidence threshold: a number, or 'schedule' (0.7/0.8/0.9 as the original)")
+    g.add_argument("--semi-warmup", type=int, default=0, help="supervised-only epochs first")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="./runs/unimos", help="checkpoint and log folder")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    g.add_argument("--amp", nargs="?", const="auto", default="none",
+                   help="mixed precision: none, bf16, fp16, auto (bare --amp = auto)")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="checkpoint file/folder, or bare --resume / 'auto' for OUT's last checkpoint")
+    g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: off)")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--val-batch", type=int, default=16)
+    g.add_argument("--progress", action="store_true", help="progress bars while caching")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.blocksize % 16:
+        parser.error(f"--blocksize {args.blocksize} must be a multiple of 16")  # exits with 2
+    from engine.loop import fit
+
+    summary = fit(args)
+    if summary.get("validation"):
+        print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["validation"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,121 @@
+"""The main job on the synthetic default: phantoms -> resample -> train -> segment -> evaluate -> report.
+
+Runs exactly the commands a researcher would type (each printed before it runs), sized for a CPU:
+    python demo.py --out demo_out
+On a machine with a GPU the same command trains there (``--device auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils.errors import InputError, run_cli
+
+PARTIAL = ("LiTS", "KiTS", "MSDSpleen")
+HELD_OUT = "BTCV"  # fully labeled, never trained on: scores every organ
+
+
+def _run(cmd: list[str], log: Path | None = None) -> float:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    if log is None:
+        rc = subprocess.call(cmd)
+    else:
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                print("  " + line, end="", flush=True)
+            rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"demo: command failed with exit code {rc}: {cmd[1] if len(cmd) > 1 else cmd}")
+    return time.time() - t0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="everything goes under this folder")
+    p.add_argument("--cases", type=int, default=4, help="labeled phantoms per dataset")
+    p.add_argument("--unlabeled", type=int, default=4, help="unlabeled phantoms per dataset")
+    p.add_argument("--val", type=int, default=2, help="validation phantoms per dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="in-plane grid of resample.py and the cache")
+    p.add_argument("--block", type=int, default=128, help="training crop")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--blocks", default=None, help="residual blocks per level (Final.py --blocks)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--budget", type=float, default=8.0, help="training time budget in minutes")
+    p.add_argument("--semi", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--extra", default="", help="extra Final.py arguments, quoted")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(out, f"cannot create output folder ({err.strerror})") from None
+    py = sys.executable
+    here = Path(__file__).resolve().parent
+    raw, data, model, pred = out / "raw", out / "data", out / "model", out / "pred"
+    times: dict[str, float] = {}
+    t_all = time.time()
+
+    times["synth"] = _run([py, str(here / "synth.py"), "--out", str(raw), "--cases", str(args.cases),
+                           "--unlabeled", str(args.unlabeled), "--val", str(args.val),
+                           "--seed", str(args.seed)])
+    times["resample"] = _run([py, str(here / "resample.py"), "-p1", str(raw), "-p2", str(data),
+                              "-s1", str(args.size), "-s2", str(args.size)])
+    train_cmd = [py, str(here / "Final.py"), "--data", str(data), "--out", str(model),
+                 "--datasets", ",".join(PARTIAL), "--view", "axial", "--inplane", str(args.size),
+                 str(args.size), "--width", str(args.width), "--blocksize", str(args.block),
+                 "-b", str(args.batch), "--epochs", str(args.epochs),
+                 "--steps-per-epoch", str(args.steps_per_epoch), "--schedule", "poly",
+                 "--time-budget", str(args.budget), "--device", args.device,
+                 "--workers", str(args.workers), "--seed", str(args.seed),
+                 "--semi" if args.semi else "--no-semi"]
+    if args.blocks:
+        train_cmd += ["--blocks", args.blocks]
+    train_cmd += shlex.split(args.extra)
+    times["train"] = _run(train_cmd, log=out / "train.log")
+
+    # Segment the validation volumes on their ORIGINAL grids (segment.py resamples internally).
+    ckpt = model / "resu_best_axial.pth.tar"
+    reports = {}
+    for ds in (*PARTIAL, HELD_OUT):
+        src = raw / ds / "validation"
+        if not src.is_dir():
+            continue
+        t = _run([py, str(here / "segment.py"), str(src), str(pred / ds), "--network_path", str(ckpt),
+                  "--device", args.device])
+        times[f"segment_{ds}"] = t
+        report = out / "eval" / f"{ds}.csv"
+        pngs = ["--png", str(out / "png" / ds), "--image", str(src)]
+        times[f"evaluate_{ds}"] = _run([py, str(here / "evaluate.py"), "--pred", str(pred / ds),
+                                        "--gt", str(raw / ds / "label"), "--gt-dataset", ds,
+                                        "--out", str(report), *pngs])
+        reports[ds] = json.loads(report.with_suffix(".json").read_text())
+
+    from utils.report import write_demo_report
+
+    times["total"] = time.time() - t_all
+    md = write_demo_report(out, reports, times, model / "history_axial.csv")
+    print(f"\nreport: {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
