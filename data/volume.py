@@ -273,6 +273,31 @@ def read_image_sitk(path: str | Path):
     return img
 
 
+def check_finite_nifti(path: str | Path) -> None:
+    """Reject float NIfTI files holding NaN/Inf.
+
+    SimpleITK's NIfTI reader silently turns NaN into 0, so :func:`read_volume` calls this
+    for float NIfTI files; nibabel reads the stored values. Integer files cannot hold NaN and are not decoded.
+
+    Raises:
+        InputError: naming the file, when it holds NaN/Inf voxels.
+    """
+    path = Path(path)
+    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        if img.get_data_dtype().kind != "f":
+            return
+        data = np.asanyarray(img.dataobj)
+    except Exception:
+        return  # unreadable files are reported by the SimpleITK reader with a better message
+    if not np.isfinite(data).all():
+        raise InputError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+
+
 def _geometry_of(img) -> Geometry:
     size = img.GetSize()
     return Geometry(
@@ -292,9 +317,10 @@ def read_volume(path: str | Path, check_finite: bool = True) -> Volume:
     sitk = _sitk()
     img = read_image_sitk(path)
     array = sitk.GetArrayFromImage(img)
-    if check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise InputError(path, f"contains {bad} NaN/Inf voxels")
+    if check_finite and array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise InputError(path, f"contains {int((~np.isfinite(array)).sum())} NaN/Inf voxels")
+        check_finite_nifti(path)
     geo = _geometry_of(img)
     if any(not math.isfinite(s) or s <= 0 for s in geo.spacing):
         raise InputError(path, f"has invalid voxel spacing {geo.spacing}")

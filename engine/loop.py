@@ -18,10 +18,24 @@ import torch
 from data.config import Config, load_config
 from engine.checkpoint import best_name, last_name, load_checkpoint, save_checkpoint
 from engine.preempt import EXIT_REQUEUE, PreemptionFlag
-from engine.runtime import (DistInfo, init_distributed, resolve_amp, resolve_device,
-                            shutdown_distributed, unwrap)
-from engine.train import (History, checkpoint_payload, load_history, lr_factor, rng_seed,
-                          supervised_step, validate, write_json)
+from engine.runtime import (
+    DistInfo,
+    init_distributed,
+    resolve_amp,
+    resolve_device,
+    shutdown_distributed,
+    unwrap,
+)
+from engine.train import (
+    History,
+    checkpoint_payload,
+    load_history,
+    lr_factor,
+    rng_seed,
+    supervised_step,
+    validate,
+    write_json,
+)
 from utils.errors import InputError
 
 
@@ -193,9 +207,13 @@ def fit(args: Any) -> dict[str, Any]:
 
     # ---- data loaders (one iterator for the whole run: no per-epoch worker restarts)
     pin = device.type == "cuda"
+    # Global sample indices (see StepBatchSampler) with one "epoch" of the dataset per training
+    # epoch, so sample n is drawn from default_rng([seed, n // per_epoch, n % per_epoch]).
+    global_batch = args.batchsize * dist.world
     lab_ds = SliceDataset(vols["labeled"], config, view=args.view, slices=args.slices,
-                          block=args.blocksize, seed=args.seed, fg_prob=args.fg_prob,
-                          flips=not args.no_flip, labeled=True, mix=args.mix, batch=args.batchsize)
+                          block=args.blocksize, samples_per_epoch=steps_per_epoch * global_batch,
+                          seed=args.seed, fg_prob=args.fg_prob, flips=not args.no_flip, labeled=True,
+                          alternate_every=global_batch if args.mix == "alternate" else 0)
     lab_iter = iter(_loader(lab_ds, StepBatchSampler(start_step, total_steps, args.batchsize,
                                                      dist.rank, dist.world),
                             collate_labeled, args.workers, pin))
@@ -203,8 +221,8 @@ def fit(args: Any) -> dict[str, Any]:
     ub = args.unlabeled_batchsize or args.batchsize
     if semi:
         unl_ds = SliceDataset(vols["unlabeled"], config, view=args.view, slices=args.slices,
-                              block=args.blocksize, seed=args.seed + 7919, fg_prob=0.0, flips=True,
-                              rot90=True, labeled=False)
+                              block=args.blocksize, samples_per_epoch=steps_per_epoch * 2 * ub * dist.world,
+                              seed=args.seed + 7919, fg_prob=0.0, flips=True, rot90=True, labeled=False)
         unl_iter = iter(_loader(unl_ds, StepBatchSampler(start_step, total_steps, 2 * ub,
                                                          dist.rank, dist.world),
                                 collate_unlabeled, args.workers, pin))

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from data.config import Config
-from engine.checkpoint import best_name, last_name, load_checkpoint, save_checkpoint
 from engine.runtime import DistInfo, autocast, unwrap
 from utils.fileio import write_text_atomic
 

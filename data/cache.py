@@ -1,0 +1,354 @@
+"""Preprocess each volume once; training then slices memory-mapped ``.npy`` arrays.
+
+Layout of one entry ``<cache_dir>/<dataset>/<case_id>-<key>/``::
+
+    meta.json            case, key inputs, geometries, orientation, per-view shape + foreground slices
+    image_axial.npy      float32 [nS, H, W]: window_hu(prepare_canonical(image)) (the canonical array)
+    label_axial.npy      uint8   [nS, H, W]: config.map_labels(label) on the same grid (labeled cases)
+    image_coronal.npy    ... other views, derived from the axial arrays with data.preprocess.view_stack
+
+The key hashes the image and label files (resolved path, size, mtime), the preprocessing settings
+(HU window, in-plane size, the dataset's file value -> class map) and :data:`CACHE_VERSION`. Views are
+*not* part of the key: every view derives from the axial arrays, so a missing view is added to an
+existing entry on demand instead of duplicating the entry. A new entry is built in a temporary
+folder and renamed into place (atomic); views added later are written atomically under a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.config import Config
+from data.layout import Case
+from data.preprocess import prepare_canonical, view_stack, window_hu
+from data.volume import VIEWS, Geometry, read_volume
+from utils.errors import InputError
+from utils.fileio import atomic_path, write_json_atomic
+
+CACHE_VERSION = 1
+# A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
+# voxels at an organ's tip make poor training centres.
+FG_MIN_VOXELS = 16
+
+
+def _file_stamp(path: Path) -> dict[str, Any]:
+    """Resolved path, size and mtime of a file, or of a DICOM folder's files taken together."""
+    p = path.resolve()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        stats = [f.stat() for f in files]
+        return {"path": str(p), "size": sum(s.st_size for s in stats),
+                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "files": len(files)}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key_inputs(case: Case, config: Config) -> dict[str, Any]:
+    """Everything a cache entry depends on (hashed into its key).
+
+    Raises:
+        InputError: image or label missing.
+    """
+    for p in (case.image, case.label):
+        if p is not None and not p.exists():
+            raise InputError(p, "file does not exist")
+    spec = config.dataset(case.dataset)
+    lut = config.label_lut(spec)
+    return {
+        "version": CACHE_VERSION,
+        "image": _file_stamp(case.image),
+        "label": _file_stamp(case.label) if case.label is not None else None,
+        "hu_window": [float(v) for v in config.hu_window],
+        "inplane_size": [int(v) for v in config.inplane_size],
+        "label_map": {str(v): int(lut[v]) for v in sorted(spec.labels)},
+    }
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(case: Case, config: Config) -> str:
+    """Hex digest (16 characters) of :func:`cache_key_inputs`."""
+    return _digest(cache_key_inputs(case, config))
+
+
+def _geo_dict(g: Geometry) -> dict[str, Any]:
+    return {"shape": list(g.shape), "spacing": list(g.spacing), "origin": list(g.origin),
+            "direction": list(g.direction)}
+
+
+def foreground_slices(label_stack: np.ndarray, min_voxels: int = FG_MIN_VOXELS) -> np.ndarray:
+    """Indices (axis 0) of slices with at least ``min_voxels`` voxels of a class > 0 (255 ignored)."""
+    fg = (label_stack > 0) & (label_stack != 255)
+    counts = fg.reshape(fg.shape[0], -1).sum(axis=1)
+    return np.flatnonzero(counts >= min_voxels).astype(np.int64)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array))
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    # Several DataLoader workers or DDP ranks may add the same view at once.
+    with open(folder / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class CachedVolume:
+    """One cache entry: metadata plus lazily opened read-only memory maps per view.
+
+    Pickles without its open memory maps, so DataLoader workers reopen them cheaply.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            raise InputError(meta_path, "cache entry is missing or unreadable") from None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "meta": self.meta, "_arrays": {}}
+
+    def __repr__(self) -> str:
+        return f"CachedVolume({self.dataset}/{self.case_id}, views={sorted(self.views)})"
+
+    @property
+    def case(self) -> Case:
+        c = self.meta["case"]
+        return Case(c["dataset"], c["case_id"], Path(c["image"]),
+                    Path(c["label"]) if c["label"] else None, c["split"])
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["case"]["dataset"]
+
+    @property
+    def case_id(self) -> str:
+        return self.meta["case"]["case_id"]
+
+    @property
+    def has_label(self) -> bool:
+        return bool(self.meta["has_label"])
+
+    @property
+    def views(self) -> dict[str, Any]:
+        return self.meta["views"]
+
+    @property
+    def canonical_geometry(self) -> Geometry:
+        g = self.meta["canonical_geometry"]
+        return Geometry(tuple(g["shape"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+
+    def _array(self, kind: str, view: str) -> np.ndarray:
+        name = f"{kind}_{view}"
+        arr = self._arrays.get(name)
+        if arr is None:
+            if view not in self.meta["views"]:
+                self.ensure_view(view)
+            arr = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+            self._arrays[name] = arr
+        return arr
+
+    def image(self, view: str = "axial") -> np.ndarray:
+        """Windowed image ``(n, H, W)`` float32 memory map of ``view`` (built on first use)."""
+        return self._array("image", view)
+
+    def label(self, view: str = "axial") -> np.ndarray | None:
+        """Class map ``(n, H, W)`` uint8 memory map of ``view``, or None for unlabeled cases."""
+        return self._array("label", view) if self.has_label else None
+
+    def foreground(self, view: str = "axial") -> np.ndarray:
+        """Indices of ``view``'s slices with labeled organs (empty for unlabeled cases)."""
+        if view not in self.meta["views"]:
+            self.ensure_view(view)
+        return np.asarray(self.meta["views"][view]["foreground"], dtype=np.int64)
+
+    def ensure_view(self, view: str) -> None:
+        """Add ``view``'s arrays to this entry if missing (derived from the axial arrays)."""
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if view in self.meta["views"]:
+            return
+        with _locked(self.folder):
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            if view in self.meta["views"]:
+                return
+            spacing = self.meta["canonical_geometry"]["spacing"]
+            image = view_stack(np.load(self.folder / "image_axial.npy", mmap_mode="r"), spacing, view,
+                               is_label=False)
+            _save_npy(self.folder / f"image_{view}.npy", image)
+            info: dict[str, Any] = {"shape": list(image.shape), "foreground": []}
+            if self.has_label:
+                label = view_stack(np.load(self.folder / "label_axial.npy", mmap_mode="r"), spacing,
+                                   view, is_label=True)
+                _save_npy(self.folder / f"label_{view}.npy", label)
+                info["foreground"] = foreground_slices(label).tolist()
+            self.meta["views"][view] = info
+            write_json_atomic(self.folder / "meta.json", self.meta)
+
+
+def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target: Path) -> None:
+    """Read, preprocess and write one entry into a temp folder, then rename it to ``target``."""
+    image_vol = read_volume(case.image)
+    label_vol = None
+    if case.label is not None:
+        label_vol = read_volume(case.label)
+        if not image_vol.geometry.same_grid(label_vol.geometry):
+            raise InputError(case.label, f"label grid ({label_vol.geometry.describe()}) does not match "
+                             f"image {case.image} ({image_vol.geometry.describe()})")
+    canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False)
+    image = window_hu(canon.array, config.hu_window)
+    meta: dict[str, Any] = {
+        "format": "unimos-cache",
+        "version": CACHE_VERSION,
+        "case": {"dataset": case.dataset, "case_id": case.case_id, "image": str(case.image),
+                 "label": str(case.label) if case.label is not None else None, "split": case.split},
+        "key_inputs": key_inputs,
+        "has_label": label_vol is not None,
+        "source_geometry": _geo_dict(image_vol.geometry),
+        "canonical_geometry": _geo_dict(canon.geometry),
+        "orientation": {"perm": list(orientation.perm), "flip": list(orientation.flip)},
+        "views": {"axial": {"shape": list(image.shape), "foreground": []}},
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        np.save(tmp / "image_axial.npy", image)
+        if label_vol is not None:
+            spec = config.dataset(case.dataset)
+            classes = config.map_labels(spec, label_vol.array, case.label)
+            # Map on the source grid (nearest neighbour commutes with the value map).
+            label_canon, _ = prepare_canonical(label_vol.with_array(classes), config.inplane_size,
+                                               is_label=True)
+            np.save(tmp / "label_axial.npy", label_canon.array)
+            meta["views"]["axial"]["foreground"] = foreground_slices(label_canon.array).tolist()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+            # Another process built the same entry first: identical content, keep theirs.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def entry_folder(case: Case, config: Config, cache_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Where ``case``'s entry lives and the key inputs it was (or will be) built from."""
+    inputs = cache_key_inputs(case, config)
+    return Path(cache_dir) / case.dataset / f"{case.case_id}-{_digest(inputs)}", inputs
+
+
+def _valid_entry(folder: Path) -> bool:
+    meta = folder / "meta.json"
+    if not meta.is_file() or not (folder / "image_axial.npy").is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("version") == CACHE_VERSION
+    except ValueError:
+        return False
+
+
+def cache_one(case: Case, config: Config, cache_dir: str | Path,
+              views: Sequence[str] = ("axial",)) -> CachedVolume:
+    """Build (or reuse) one case's entry and make sure ``views`` exist.
+
+    Raises:
+        InputError: unreadable volume, undeclared label values (naming the label file), image/label
+            grid mismatch (naming both files).
+    """
+    folder, inputs = entry_folder(case, config, cache_dir)
+    if not _valid_entry(folder):
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # stale or damaged (e.g. older version)
+        _build_entry(case, config, inputs, folder)
+    vol = CachedVolume(folder)
+    for view in views:
+        vol.ensure_view(view)
+    return vol
+
+
+def _cache_one_path(case: Case, config: Config, cache_dir: str, views: tuple[str, ...]) -> str:
+    return str(cache_one(case, config, cache_dir, views).folder)
+
+
+def build_cache(cases: Sequence[Case], config: Config, cache_dir: str | Path,
+                views: Sequence[str] = ("axial",), workers: int = 0,
+                progress: bool = True) -> list[CachedVolume]:
+    """Preprocess ``cases`` into ``cache_dir`` once and return their entries (in the order given).
+
+    Args:
+        cases: from :func:`data.layout.discover`.
+        config: HU window, in-plane size, label maps.
+        cache_dir: cache root (created).
+        views: views to have ready (others are added on first use).
+        workers: processes for building (0 or 1: in this process).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        One :class:`CachedVolume` per case.
+
+    Raises:
+        InputError: see :func:`cache_one`.
+    """
+    for v in views:
+        if v not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {v!r}")
+    views = tuple(views)
+    cache_dir = Path(cache_dir)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), desc="cache", unit="vol", leave=False)
+    try:
+        if workers <= 1 or len(cases) <= 1:
+            out = []
+            for c in cases:
+                out.append(cache_one(c, config, cache_dir, views))
+                if bar is not None:
+                    bar.update()
+            return out
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_cache_one_path, c, config, str(cache_dir), views) for c in cases]
+            folders = []
+            for f in futures:
+                folders.append(f.result())
+                if bar is not None:
+                    bar.update()
+        return [CachedVolume(f) for f in folders]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+__all__ = ["CACHE_VERSION", "CachedVolume", "FG_MIN_VOXELS", "build_cache", "cache_key", "cache_one",
+           "foreground_slices"]

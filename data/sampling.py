@@ -1,0 +1,308 @@
+"""2.5D training samples from the slice cache, and the named batches the training steps consume.
+
+A sample is ``slices`` adjacent slices of one view (edge-clamped) as channels, randomly cropped to
+``block x block`` (padded with -1 / label 255 when the slice is smaller), flipped (and rotated by
+multiples of 90 degrees for the unlabeled weak view) identically for image and label.
+
+Determinism: sample ``index`` of epoch ``e`` draws all its randomness from
+``np.random.default_rng([seed, e, index])``. It therefore does not depend on the number of
+DataLoader workers, on which worker fetches it, or on the DDP rank, and an interrupted run resumes
+with exactly the same samples. Balance: sample ``i`` comes from dataset ``i % n_datasets`` (datasets
+in config order), then from a random volume of that dataset.
+
+Epochs: call :meth:`SliceDataset.set_epoch` before each epoch (workers must then be re-created,
+i.e. ``persistent_workers=False``), or use :class:`EpochShardSampler`, which encodes the epoch in the
+index (``epoch * len(dataset) + i``) and so also works with persistent workers and DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data.cache import CachedVolume
+from data.config import Config
+from data.volume import VIEWS
+
+IGNORE_INDEX = 255
+PAD_IMAGE = -1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+class _Batch:
+    """Moves every tensor field together."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = True):
+        """A copy with all tensors on ``device``."""
+        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                             for f in fields(self)})  # type: ignore[arg-type]
+
+    def pin_memory(self):
+        """A copy with all tensors in pinned memory (DataLoader(pin_memory=True) calls this)."""
+        return type(self)(**{f.name: getattr(self, f.name).pin_memory()
+                             for f in fields(self)})  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])  # type: ignore[attr-defined]
+
+    def split(self, first: int):
+        """Two batches: samples ``[:first]`` and ``[first:]`` (views, no copies)."""
+        head = type(self)(**{f.name: getattr(self, f.name)[:first] for f in fields(self)})
+        tail = type(self)(**{f.name: getattr(self, f.name)[first:] for f in fields(self)})
+        return head, tail  # type: ignore[return-value]
+
+
+@dataclass
+class LabeledBatch(_Batch):
+    """Labeled 2.5D batch.
+
+    Attributes:
+        image: ``(B, slices, H, W)`` float32 in [-1, 1].
+        label: ``(B, H, W)`` int64 classes; 255 = ignore (padding).
+        labeled_mask: ``(B, num_classes)`` bool, classes the sample's dataset labels (column 0 True).
+        dataset: ``(B,)`` int64 index into ``config.datasets``.
+    """
+
+    image: Tensor
+    label: Tensor
+    labeled_mask: Tensor
+    dataset: Tensor
+
+
+@dataclass
+class UnlabeledBatch(_Batch):
+    """Unlabeled 2.5D batch (weak view: crop, flips, rot90).
+
+    Attributes:
+        image: ``(B, slices, H, W)`` float32.
+        labeled_mask: ``(B, num_classes)`` bool of the source dataset.
+        dataset: ``(B,)`` int64 index into ``config.datasets``.
+    """
+
+    image: Tensor
+    labeled_mask: Tensor
+    dataset: Tensor
+
+
+def _stack(samples: Sequence[dict[str, Any]], key: str) -> Tensor:
+    return torch.from_numpy(np.stack([s[key] for s in samples]))
+
+
+def collate_labeled(samples: Sequence[dict[str, Any]]) -> LabeledBatch:
+    """DataLoader ``collate_fn`` for labeled :class:`SliceDataset` samples."""
+    return LabeledBatch(
+        image=_stack(samples, "image"),
+        label=_stack(samples, "label").long(),
+        labeled_mask=_stack(samples, "labeled_mask"),
+        dataset=torch.tensor([s["dataset"] for s in samples], dtype=torch.int64),
+    )
+
+
+def collate_unlabeled(samples: Sequence[dict[str, Any]]) -> UnlabeledBatch:
+    """DataLoader ``collate_fn`` for unlabeled :class:`SliceDataset` samples."""
+    return UnlabeledBatch(
+        image=_stack(samples, "image"),
+        labeled_mask=_stack(samples, "labeled_mask"),
+        dataset=torch.tensor([s["dataset"] for s in samples], dtype=torch.int64),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    # A sample must never be a view into a memory map (it would pin the map and pickle lazily).
+    out = np.ascontiguousarray(array)
+    return out if out.flags.owndata else out.copy()
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Random 2.5D samples from cached volumes (see the module docstring).
+
+    Args:
+        volumes: cache entries (all labeled when ``labeled``).
+        config: dataset order and labeled-class masks.
+        view: ``axial`` | ``coronal`` | ``sagittal``.
+        slices: adjacent slices stacked as channels (centre slice is the label).
+        block: crop size (square).
+        samples_per_epoch: ``len(dataset)``.
+        seed: base seed.
+        fg_prob: probability of centring on a slice with labeled organs (labeled samples with a
+            foreground only; unlabeled samples are drawn uniformly, their labels are never looked at).
+        flips: random horizontal / vertical flips.
+        rot90: random rotation by a multiple of 90 degrees (unlabeled weak view).
+        labeled: return labels (``collate_labeled``) or not (``collate_unlabeled``).
+        alternate_every: 0 mixes datasets within a batch (sample ``i`` from dataset
+            ``i % n_datasets``); ``k > 0`` takes runs of ``k`` consecutive samples from one dataset
+            (with ``k`` = the global batch size, each optimizer step sees one dataset, in turn).
+
+    Raises:
+        ValueError: no volumes, a labeled dataset given unlabeled volumes, bad sizes, unknown view.
+    """
+
+    def __init__(self, volumes: Sequence[CachedVolume], config: Config, view: str = "axial",
+                 slices: int = 3, block: int = 224, samples_per_epoch: int = 1000, seed: int = 0,
+                 fg_prob: float = 0.8, flips: bool = True, rot90: bool = False, labeled: bool = True,
+                 alternate_every: int = 0) -> None:
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if not volumes:
+            raise ValueError("SliceDataset needs at least one volume")
+        if slices < 1 or block < 1 or samples_per_epoch < 1:
+            raise ValueError(f"slices, block and samples_per_epoch must be >= 1 "
+                             f"(got {slices}, {block}, {samples_per_epoch})")
+        if not 0.0 <= fg_prob <= 1.0:
+            raise ValueError(f"fg_prob must be in [0, 1], got {fg_prob}")
+        if labeled:
+            missing = [v for v in volumes if not v.has_label]
+            if missing:
+                raise ValueError(f"labeled SliceDataset given volumes without labels: {missing[:3]}")
+        self.volumes = list(volumes)
+        self.view, self.slices, self.block = view, int(slices), int(block)
+        self.samples_per_epoch, self.seed = int(samples_per_epoch), int(seed)
+        self.fg_prob, self.flips, self.rot90, self.labeled = float(fg_prob), flips, rot90, labeled
+        self.epoch = 0
+        self.alternate_every = int(alternate_every)
+        names = [d.name for d in config.datasets]
+        present = sorted({v.dataset for v in self.volumes}, key=names.index)
+        # Groups of volume indices per dataset, in config order (the balancing cycle).
+        self.groups = [[i for i, v in enumerate(self.volumes) if v.dataset == n] for n in present]
+        self.group_dataset = [names.index(n) for n in present]
+        self.group_mask = [config.labeled_mask(config.datasets[d]) for d in self.group_dataset]
+        # Views are built now, in the main process, so workers never race to create them.
+        self.shapes = []
+        self.fg = []
+        for v in self.volumes:
+            v.ensure_view(view)
+            self.shapes.append(tuple(v.views[view]["shape"]))
+            self.fg.append(v.foreground(view) if labeled else np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s samples (deterministic per ``(seed, epoch, index)``)."""
+        self.epoch = int(epoch)
+
+    def rng_for(self, index: int) -> np.random.Generator:
+        """The generator of sample ``index`` (indices past ``len`` carry the epoch, see module doc)."""
+        epoch, i = divmod(int(index), self.samples_per_epoch)
+        return np.random.default_rng([self.seed, self.epoch + epoch, i])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = self.rng_for(index)
+        i = int(index) % self.samples_per_epoch
+        g = (i // self.alternate_every if self.alternate_every > 0 else i) % len(self.groups)
+        group = self.groups[g]
+        v = group[int(rng.integers(len(group)))] if len(group) > 1 else group[0]
+        n, h, w = self.shapes[v]
+        fg = self.fg[v]
+        if fg.size and rng.random() < self.fg_prob:
+            centre = int(fg[rng.integers(fg.size)])
+        else:
+            centre = int(rng.integers(n))
+        first = centre - self.slices // 2
+        b = self.block
+        ys, py = self._crop(rng, h)
+        xs, px = self._crop(rng, w)
+        vol = self.volumes[v]
+        img_src = vol.image(self.view)
+        if first >= 0 and first + self.slices <= n:
+            patch = img_src[first:first + self.slices, ys, xs]  # plain slicing: a cheap memmap read
+        else:
+            patch = img_src[np.clip(np.arange(first, first + self.slices), 0, n - 1), ys, xs]
+        if h < b or w < b:
+            image = np.full((self.slices, b, b), PAD_IMAGE, dtype=np.float32)
+            image[:, py:py + patch.shape[1], px:px + patch.shape[2]] = patch
+        else:
+            image = patch
+        label = None
+        if self.labeled:
+            lab = vol.label(self.view)[centre, ys, xs]
+            if h < b or w < b:
+                label = np.full((b, b), IGNORE_INDEX, dtype=np.uint8)
+                label[py:py + lab.shape[0], px:px + lab.shape[1]] = lab
+            else:
+                label = lab
+        image, label = self._augment(rng, image, label)
+        out: dict[str, Any] = {
+            "image": _owned(image),
+            "labeled_mask": self.group_mask[g],
+            "dataset": self.group_dataset[g],
+            "volume": v,
+            "slice": centre,
+        }
+        if label is not None:
+            out["label"] = _owned(label)
+        return out
+
+    def _crop(self, rng: np.random.Generator, size: int) -> tuple[slice, int]:
+        """Source slice along one axis and the offset where it lands in the block."""
+        b = self.block
+        if size >= b:
+            start = int(rng.integers(size - b + 1))
+            return slice(start, start + b), 0
+        return slice(0, size), int(rng.integers(b - size + 1))
+
+    def _augment(self, rng: np.random.Generator, image: np.ndarray,
+                 label: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.rot90:
+            k = int(rng.integers(4))
+            if k:
+                image = np.rot90(image, k, axes=(-2, -1))
+                label = None if label is None else np.rot90(label, k, axes=(-2, -1))
+        if self.flips:
+            for axis in (-1, -2):
+                if rng.random() < 0.5:
+                    image = np.flip(image, axis)
+                    label = None if label is None else np.flip(label, axis)
+        return image, label
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding (DDP)
+
+
+def indices_for_rank(n: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Rank ``rank``'s share of ``range(n)``: every ``world``-th index, wrapped so all ranks get
+    ``ceil(n / world)`` indices (equal step counts keep DDP in lockstep)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
+    per = math.ceil(n / world)
+    return [(rank + k * world) % n for k in range(per)]
+
+
+class EpochShardSampler(torch.utils.data.Sampler):
+    """Yields ``epoch * n + i`` for this rank's indices ``i`` (see :func:`indices_for_rank`).
+
+    The epoch travels inside the index, so samples are right even with persistent workers.
+    Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.rank, self.world, self.epoch = int(n), int(rank), int(world), 0
+        self._indices = indices_for_rank(self.n, self.rank, self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.n
+        return iter([base + i for i in self._indices])
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+
+__all__ = ["EpochShardSampler", "IGNORE_INDEX", "LabeledBatch", "SliceDataset", "UnlabeledBatch",
+           "collate_labeled", "collate_unlabeled", "indices_for_rank"]

@@ -1,0 +1,64 @@
+"""Resample every volume of a dataset tree in-plane to s1 x s2 (slice count and field of view kept).
+
+    python resample.py -p1 RAW_DIR -p2 OUT_DIR -s1 256 -s2 256 [--workers 2] [--overwrite]
+
+RAW_DIR is walked recursively and its folders are mirrored into OUT_DIR. For each volume (NIfTI,
+MHA/NRRD, DICOM series folder -> ``<folder>.nii.gz``) the two axes other than the slice axis (the
+index axis closest to superior-inferior, read from the direction matrix) get s1 x s2 voxels:
+spacing = old * old_n / new_n, direction kept, and the origin moves by half the change of voxel size
+so the field-of-view edges stay put (the original kept the origin, shifting content by half a voxel).
+Images are interpolated linearly (integer types rounded), label maps with nearest neighbour; label
+maps are the volumes under a folder named in --label-dirs or whose file name matches
+--label-patterns. Other files (dataset.json, ...) are copied. Outputs newer than their input are
+skipped unless --overwrite. Bad input stops the run with one line naming the file (exit 2); every
+output is written atomically, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from utils.errors import run_cli
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-p1", "--raw", required=True, help="input folder (walked recursively)")
+    p.add_argument("-p2", "--out", required=True, help="output folder (subfolders mirrored)")
+    p.add_argument("-s1", type=int, default=256,
+                   help="size of the first in-plane axis (x for axial storage) (default 256)")
+    p.add_argument("-s2", type=int, default=256,
+                   help="size of the second in-plane axis (y for axial storage) (default 256)")
+    p.add_argument("--label-dirs", type=_csv, default=("label", "labels", "labelsTr"),
+                   help="comma-separated folder names holding label maps (default label,labels,labelsTr)")
+    p.add_argument("--label-patterns", type=_csv, default=("segmentation.nii.gz", "segmentation.nii"),
+                   help="comma-separated file-name patterns of label maps anywhere, e.g. 'seg*' "
+                        "(default: KiTS19's segmentation.nii.gz,segmentation.nii)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs newer than their input")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.s1 < 1 or args.s2 < 1:
+        from utils.errors import InputError
+
+        raise InputError(None, f"-s1/-s2 must be positive, got {args.s1} x {args.s2}")
+    from data.resample import resample_tree
+
+    counts = resample_tree(args.raw, args.out, (args.s1, args.s2), label_dirs=args.label_dirs,
+                           label_patterns=args.label_patterns, workers=args.workers,
+                           overwrite=args.overwrite)
+    print(f"resampled {counts['resampled']}, copied {counts['copied']}, "
+          f"skipped {counts['skipped']} (up to date) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

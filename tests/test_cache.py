@@ -1,0 +1,135 @@
+"""data.cache: cached slices equal the shared preprocessing, reuse, keys, views on demand, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from data.cache import CachedVolume, build_cache, cache_key, foreground_slices
+from data.config import config_from_dict
+from data.layout import Case
+from data.preprocess import prepare_canonical, view_stack, window_hu
+from data.volume import Geometry, Volume, read_volume, write_volume
+from tests.helpers import phantom_pair
+from utils.errors import InputError
+
+CONFIG = config_from_dict({
+    "organs": ["liver", "kidney", "spleen"],
+    "hu_window": [-200, 200],
+    "inplane_size": [12, 10],
+    "datasets": {"KiTS": {"labels": {1: "kidney", 2: "kidney"}},
+                 "MSDSpleen": {"labels": {1: "spleen"}}},
+})
+# slices-first storage with flips: exercises to_canonical inside the cache
+DIRECTION = (0.0, -1.0, 0.0,
+             0.0, 0.0, 1.0,
+             -1.0, 0.0, 0.0)
+
+
+def _case(tmp_path, name="c1", label_value=2, direction=DIRECTION, label_geo=None, seed=0) -> Case:
+    shape = (14, 16, 9)  # numpy (nk, nj, ni); index axis i is S-I here
+    image, _ = phantom_pair(shape, label_value, seed=seed)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[2:12, 3:13, 5:9] = label_value  # organ on S-I index i = 5..8 only
+    geo = Geometry(shape, (3.0, 0.9, 0.8), (5.0, -7.0, 11.0), direction)
+    img_p, lab_p = tmp_path / "data" / f"{name}.nii.gz", tmp_path / "data" / "label" / f"{name}.nii.gz"
+    write_volume(Volume(image, geo), img_p)
+    write_volume(Volume(label, label_geo or geo), lab_p)
+    return Case("KiTS", name, img_p, lab_p, "labeled")
+
+
+def _direct(case: Case, view: str):
+    """What inference computes from the files (no cache)."""
+    canon, _ = prepare_canonical(read_volume(case.image), CONFIG.inplane_size, is_label=False)
+    image = view_stack(window_hu(canon.array, CONFIG.hu_window), canon.geometry.spacing, view, False)
+    spec = CONFIG.dataset(case.dataset)
+    lab = read_volume(case.label)
+    classes = CONFIG.map_labels(spec, lab.array, case.label)
+    lcanon, _ = prepare_canonical(lab.with_array(classes), CONFIG.inplane_size, is_label=True)
+    return image, view_stack(lcanon.array, lcanon.geometry.spacing, view, True)
+
+
+def test_cached_views_equal_direct_preprocessing(tmp_path):
+    case = _case(tmp_path)
+    (vol,) = build_cache([case], CONFIG, tmp_path / "cache", views=("axial",), progress=False)
+    for view in ("axial", "coronal", "sagittal"):  # coronal/sagittal added on demand
+        image, label = _direct(case, view)
+        assert isinstance(vol.image(view), np.memmap) and vol.image(view).dtype == np.float32
+        np.testing.assert_array_equal(vol.image(view), image)
+        np.testing.assert_array_equal(vol.label(view), label)
+        assert vol.label(view).dtype == np.uint8
+        np.testing.assert_array_equal(vol.foreground(view), foreground_slices(label))
+    # axial: canonical (S, P, L) with S = the file's index axis i (9 slices), in-plane 10 x 12
+    assert vol.image("axial").shape == (9, 10, 12)
+    # file label value 2 -> kidney = class 2; organ only on S-I slices 5..8 (flipped: 0..3)
+    assert set(np.unique(vol.label("axial"))) == {0, 2}
+    np.testing.assert_array_equal(vol.foreground("axial"), [0, 1, 2, 3])
+    assert vol.case == case and vol.dataset == "KiTS"
+    assert sorted(vol.views) == ["axial", "coronal", "sagittal"]
+
+
+def test_reuse_key_and_rebuild(tmp_path):
+    case = _case(tmp_path)
+    cache = tmp_path / "cache"
+    (v1,) = build_cache([case], CONFIG, cache, progress=False)
+    stamp = (v1.folder / "image_axial.npy").stat().st_mtime_ns
+    (v2,) = build_cache([case], CONFIG, cache, progress=False)
+    assert v2.folder == v1.folder
+    assert (v2.folder / "image_axial.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    # preprocessing settings and file changes give a new key
+    other = dataclasses.replace(CONFIG, hu_window=(-100.0, 300.0))
+    assert cache_key(case, other) != cache_key(case, CONFIG)
+    st = case.image.stat()
+    os.utime(case.image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    (v3,) = build_cache([case], CONFIG, cache, progress=False)
+    assert v3.folder != v1.folder
+    assert not list(cache.rglob("*.part"))  # no temporary folders left
+
+
+def test_pickle_drops_memory_maps(tmp_path):
+    (vol,) = build_cache([_case(tmp_path)], CONFIG, tmp_path / "cache", progress=False)
+    vol.image("axial")
+    clone = pickle.loads(pickle.dumps(vol))
+    assert clone._arrays == {}
+    np.testing.assert_array_equal(clone.image("axial"), vol.image("axial"))
+
+
+def test_unlabeled_case(tmp_path):
+    case = dataclasses.replace(_case(tmp_path), label=None, split="unlabeled")
+    (vol,) = build_cache([case], CONFIG, tmp_path / "cache", views=("coronal",), progress=False)
+    assert vol.label("coronal") is None
+    assert vol.foreground("coronal").size == 0
+    assert vol.image("coronal").shape[0] == 10  # coronal slices along P
+
+
+def test_undeclared_label_value_names_label_file(tmp_path):
+    case = _case(tmp_path, label_value=3)  # KiTS declares 1 and 2 only
+    with pytest.raises(InputError, match="not declared") as err:
+        build_cache([case], CONFIG, tmp_path / "cache", progress=False)
+    assert err.value.path == str(case.label)
+    assert not any(p.name == "meta.json" for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_geometry_mismatch_names_both_files(tmp_path):
+    shifted = Geometry((14, 16, 9), (3.0, 0.9, 0.8), (6.0, -7.0, 11.0), DIRECTION)
+    case = _case(tmp_path, label_geo=shifted)
+    with pytest.raises(InputError) as err:
+        build_cache([case], CONFIG, tmp_path / "cache", progress=False)
+    assert err.value.path == str(case.label) and str(case.image) in str(err.value)
+
+
+def test_foreground_threshold():
+    lab = np.zeros((3, 8, 8), dtype=np.uint8)
+    lab[0, :2, :7] = 1   # 14 voxels: below the threshold of 16
+    lab[1, :4, :4] = 2   # 16 voxels
+    lab[2, :8, :8] = 255  # ignore value never counts
+    np.testing.assert_array_equal(foreground_slices(lab), [1])
+
+
+def test_missing_entry_is_input_error(tmp_path):
+    with pytest.raises(InputError):
+        CachedVolume(tmp_path / "nope")

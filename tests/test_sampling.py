@@ -1,0 +1,180 @@
+"""data.sampling: 2.5D samples, determinism across workers, balance, foreground bias, batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.cache import build_cache
+from data.config import config_from_dict
+from data.layout import discover
+from data.sampling import (
+    EpochShardSampler,
+    LabeledBatch,
+    SliceDataset,
+    UnlabeledBatch,
+    collate_labeled,
+    collate_unlabeled,
+    indices_for_rank,
+)
+from tests.helpers import write_seed_dataset
+
+# In-plane size equal to the files' (32 x 32): no resampling, so label == (image > -0.5) exactly.
+CONFIG = config_from_dict({
+    "organs": ["liver", "kidney", "spleen"],
+    "inplane_size": [32, 32],
+    "datasets": {"KiTS": {"labels": {1: "kidney"}, "image_token": "scan", "label_token": "label"},
+                 "MSDSpleen": {"labels": {1: "spleen"}}},
+})
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling")
+    write_seed_dataset(root, "KiTS", n_labeled=2, n_unlabeled=1, n_val=0, shape=(9, 32, 32),
+                       image_token="scan", label_token="label", seed=1)
+    write_seed_dataset(root, "MSDSpleen", n_labeled=1, n_unlabeled=1, n_val=0, shape=(9, 32, 32), seed=2)
+    cases = discover(CONFIG, root)
+    vols = build_cache(cases, CONFIG, root / "cache", progress=False)
+    labeled = [v for v in vols if v.has_label]
+    unlabeled = [v for v in vols if not v.has_label]
+    return labeled, unlabeled
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def test_shapes_balance_and_masks(volumes):
+    labeled, _ = volumes
+    ds = SliceDataset(labeled, CONFIG, "axial", slices=3, block=24, samples_per_epoch=12, seed=0)
+    samples = [ds[i] for i in range(12)]
+    batch = collate_labeled(samples)
+    assert isinstance(batch, LabeledBatch)
+    assert batch.image.shape == (12, 3, 24, 24) and batch.image.dtype == torch.float32
+    assert batch.label.shape == (12, 24, 24) and batch.label.dtype == torch.int64
+    # sample i comes from dataset i % 2 (config order: KiTS = 0, MSDSpleen = 1)
+    assert batch.dataset.tolist() == [0, 1] * 6
+    assert batch.labeled_mask[0].tolist() == [True, False, True, False]
+    assert batch.labeled_mask[1].tolist() == [True, False, False, True]
+    assert float(batch.image.min()) >= -1.0 and float(batch.image.max()) <= 1.0
+    assert set(batch.label.unique().tolist()) <= {0, 2, 3}
+    moved = batch.to("cpu")
+    assert torch.equal(moved.image, batch.image) and len(moved) == 12
+
+
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_slices_are_the_cached_ones_with_edge_clamp(volumes, view):
+    labeled, _ = volumes
+    vol0 = labeled[0]
+    n, h, w = vol0.image(view).shape
+    block = max(h, w)
+    ds = SliceDataset([vol0], CONFIG, view, slices=5, block=block, samples_per_epoch=40, seed=3,
+                      fg_prob=0.0, flips=False)
+    seen_edge = False
+    for i in range(40):
+        s = ds[i]
+        c = s["slice"]
+        idx = np.clip(np.arange(c - 2, c + 3), 0, n - 1)
+        ref = np.full((5, block, block), -1.0, dtype=np.float32)
+        ref_lab = np.full((block, block), 255, dtype=np.uint8)
+        # the padded offset is random; find it from where the valid label lies
+        ys, xs = np.nonzero(s["label"] != 255)
+        y0, x0 = ys.min(), xs.min()
+        ref[:, y0:y0 + h, x0:x0 + w] = vol0.image(view)[idx]
+        ref_lab[y0:y0 + h, x0:x0 + w] = vol0.label(view)[c]
+        np.testing.assert_array_equal(s["image"], ref)
+        np.testing.assert_array_equal(s["label"], ref_lab)
+        seen_edge |= c in (0, 1, n - 2, n - 1)
+    assert seen_edge
+
+
+def test_padding_values(volumes):
+    labeled, _ = volumes
+    ds = SliceDataset(labeled, CONFIG, "axial", block=40, samples_per_epoch=4, seed=0)
+    s = ds[0]
+    assert s["image"].shape == (3, 40, 40)
+    assert int((s["label"] == 255).sum()) == 40 * 40 - 32 * 32
+    assert np.all(s["image"][:, s["label"] == 255] == -1.0)
+
+
+@pytest.mark.parametrize("rot90", [False, True])
+def test_augmentation_moves_image_and_label_together(volumes, rot90):
+    labeled, _ = volumes
+    ds = SliceDataset(labeled, CONFIG, "axial", block=20, samples_per_epoch=64, seed=5, rot90=rot90)
+    for i in range(64):
+        s = ds[i]
+        # organ voxels are ~60 HU (windowed 0.3), background ~ -800 HU (windowed -1)
+        np.testing.assert_array_equal(s["label"] > 0, s["image"][1] > -0.5)
+
+
+def test_determinism_seed_epoch(volumes):
+    labeled, _ = volumes
+    a = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
+    b = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
+    assert all(_same(a[i], b[i]) for i in range(20))
+    b.set_epoch(1)
+    assert not all(_same(a[i], b[i]) for i in range(20))
+    # an index past len carries the epoch: sample epoch*n + i of epoch 0 == sample i of epoch 1
+    assert all(_same(a[20 + i], b[i]) for i in range(20))
+
+
+def test_same_batches_with_0_and_2_workers(volumes):
+    labeled, _ = volumes
+    ds = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=24, seed=11)
+    ds.set_epoch(2)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers,
+                                             collate_fn=collate_labeled)
+        return list(loader)
+
+    b0, b2 = batches(0), batches(2)
+    assert len(b0) == len(b2) == 6
+    for x, y in zip(b0, b2):
+        assert torch.equal(x.image, y.image) and torch.equal(x.label, y.label)
+        assert torch.equal(x.dataset, y.dataset)
+
+
+def test_foreground_bias(volumes):
+    labeled, _ = volumes
+    fg_sets = [set(v.foreground("axial").tolist()) for v in labeled]
+    assert all(0 < len(f) < 9 for f in fg_sets)
+    biased = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=200, seed=1, fg_prob=1.0)
+    assert all(s["slice"] in fg_sets[s["volume"]] for s in (biased[i] for i in range(200)))
+    uniform = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=200, seed=1, fg_prob=0.0)
+    outside = sum(s["slice"] not in fg_sets[s["volume"]] for s in (uniform[i] for i in range(200)))
+    assert outside > 50  # 6 of 9 slices lie outside the organ
+
+
+def test_unlabeled_batches(volumes):
+    labeled, unlabeled = volumes
+    ds = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=8, seed=0,
+                      rot90=True, labeled=False)
+    batch = collate_unlabeled([ds[i] for i in range(8)])
+    assert isinstance(batch, UnlabeledBatch)
+    assert batch.image.shape == (8, 3, 16, 16)
+    assert batch.dataset.tolist() == [0, 1] * 4
+    with pytest.raises(ValueError, match="without labels"):
+        SliceDataset(unlabeled, CONFIG, "axial")
+
+
+def test_rank_sharding():
+    assert indices_for_rank(10, 0, 3) == [0, 3, 6, 9]
+    assert indices_for_rank(10, 1, 3) == [1, 4, 7, 0]
+    assert indices_for_rank(10, 2, 3) == [2, 5, 8, 1]
+    assert sorted(set().union(*(indices_for_rank(10, r, 3) for r in range(3)))) == list(range(10))
+    sampler = EpochShardSampler(10, rank=1, world=3)
+    sampler.set_epoch(2)
+    assert list(sampler) == [21, 24, 27, 20] and len(sampler) == 4
+    with pytest.raises(ValueError):
+        indices_for_rank(10, 3, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pin_memory(volumes):
+    labeled, _ = volumes
+    ds = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=2)
+    batch = collate_labeled([ds[0], ds[1]]).pin_memory()
+    assert batch.image.is_pinned() and batch.label.is_pinned()
