@@ -240,8 +240,8 @@ def cutmix_box(batch: int, height: int, width: int, generator: torch.Generator, 
     """Draw one CutMix rectangle per sample (UniMatch's box, vectorised; no rejection loop).
 
     The area fraction is uniform in ``area``; the aspect ratio ``w / h`` is log-uniform in ``ratio``,
-    restricted to the ratios for which a box of that area fits in the image. Sizes are rounded so that the
-    area fraction stays inside ``area``.
+    restricted to the ratios for which a box of that area fits in the image. Side lengths are rounded to
+    pixels (so small boxes deviate slightly from ``ratio``) and then kept inside the ``area`` bounds.
 
     Args:
         batch, height, width: output size.
@@ -277,7 +277,7 @@ def cutmix_box(batch: int, height: int, width: int, generator: torch.Generator, 
     r = (lo + (hi - lo) * u[:, 2]).exp()
     eps = 1e-9
     h = (s * n / r).sqrt().round().clamp(math.ceil(area[0] * hh - eps), hh)
-    w = (s * n / h).round()
+    w = (s * n * r).sqrt().round()
     w = torch.maximum(w, torch.ceil(area[0] * n / h - eps))
     w = torch.minimum(w, torch.floor(area[1] * n / h + eps).clamp(max=ww)).clamp(min=1.0)
     y0 = torch.floor(u[:, 3] * (hh - h + 1)).clamp(max=hh - h)
