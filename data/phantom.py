@@ -69,7 +69,7 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("muscle", (42.0, 58.0), 4.0),
     Tissue("bowel", (15.0, 40.0), 10.0),
     Tissue("lung", (-880.0, -820.0), 20.0),
-    Tissue("bone", (420.0, 650.0), 50.0),
+    Tissue("bone", (450.0, 650.0), 50.0),
     Tissue("disc", (70.0, 100.0), 5.0),
     Tissue("canal", (15.0, 35.0), 3.0),
     Tissue("aorta", (185.0, 245.0), 4.0),
@@ -211,7 +211,7 @@ class SmoothField:
              amplitude: float) -> SmoothField:
         """A field covering the box ``[lo, hi]`` (x, y, z) with standard deviation ~``amplitude``."""
         lo_a = np.asarray(lo, dtype=np.float64) - step
-        n = [int(math.ceil((h - lo_ - 0.0) / step)) + 2 for lo_, h in zip(lo_a, hi)]
+        n = [int(math.ceil((h - lo_) / step)) + 2 for lo_, h in zip(lo_a, hi)]
         # Sum of squared Gaussian weights per axis is ~sqrt(pi) for width == spacing.
         values = rng.standard_normal((n[2], n[1], n[0])) * (amplitude / math.pi ** 0.75)
         return SmoothField(tuple(float(v) for v in lo_a), float(step), values.astype(np.float32))
@@ -359,21 +359,20 @@ class Paint:
         tissue: tissue name.
         shape: where.
         within: only over these tissues (None: over anything).
-        in_cavity: only inside the abdominal cavity.
+        clip: only inside this region too (abdominal cavity, muscle wall), or None.
     """
 
     tissue: str
     shape: Shape
     within: tuple[str, ...] | None = None
-    in_cavity: bool = False
+    clip: Column | None = None
 
 
 @dataclass(frozen=True)
 class Anatomy:
-    """One case's anatomy: painting steps in order, the cavity, and the z range to image (mm)."""
+    """One case's anatomy: painting steps in order, an intensity texture, the z range to image (mm)."""
 
     steps: tuple[Paint, ...]
-    cavity: Column
     texture: SmoothField
     z_range: tuple[float, float]
 
@@ -433,7 +432,7 @@ def draw_anatomy(rng: np.random.Generator, liver_tumours: int = 0, kidney_tumour
     """
     u = rng.uniform
     # Body cross-section ~320 x 240 mm, fat and muscle layers, cavity inside.
-    a, b = u(148.0, 166.0), u(106.0, 124.0)
+    a, b = u(146.0, 162.0), u(106.0, 124.0)
     t_fat, t_mus = u(10.0, 26.0), u(7.0, 12.0)
     grow = u(-0.06, 0.06)  # body a little wider at the bottom or at the top
     ai, bi = a - t_fat - t_mus, b - t_fat - t_mus
@@ -441,9 +440,8 @@ def draw_anatomy(rng: np.random.Generator, liver_tumours: int = 0, kidney_tumour
     def layer(da: float, db: float) -> Column:
         return Column((0.0, 0.0), (da, db), zc=-80.0, radius_slope=grow)
 
-    cavity = layer(ai, bi)
-    steps: list[Paint] = [Paint("fat", layer(a, b)), Paint("muscle", layer(a - t_fat, b - t_fat)),
-                          Paint("bowel", cavity)]
+    cavity, wall = layer(ai, bi), layer(a - t_fat, b - t_fat)
+    steps: list[Paint] = [Paint("fat", layer(a, b)), Paint("muscle", wall), Paint("bowel", cavity)]
 
     # Mesenteric fat between bowel loops, lung bases at the top, bowel gas.
     fov = (np.array([-a, -b, -260.0]), np.array([a, b, 80.0]))
@@ -452,25 +450,27 @@ def draw_anatomy(rng: np.random.Generator, liver_tumours: int = 0, kidney_tumour
     for side in (-1, 1):
         steps.append(Paint("lung", _blob(rng, (side * 0.55 * ai, 0.3 * bi, 45.0),
                                          (0.45 * ai, 0.6 * bi, 62.0), bumps=0.0),
-                           within=("bowel", "fat"), in_cavity=True))
+                           within=("bowel", "fat"), clip=cavity))
     for _ in range(int(rng.integers(4, 10))):
         c = (u(-0.7, 0.7) * ai, u(-0.85, 0.1) * bi, u(-175.0, -70.0))
         r = u(4.0, 13.0)
         steps.append(Paint("air", _blob(rng, c, (r, r * u(0.6, 1.4), r * u(0.6, 1.4)), jitter=0.0,
                                         bumps=0.0), within=("bowel",)))
 
-    # Spine: paraspinal muscles, posterior arch, vertebral bodies with discs, canal; psoas.
-    yv = 0.46 * b + u(-4.0, 4.0)
+    # Spine: paraspinal muscles, posterior arch, vertebral bodies with discs, canal; psoas. The
+    # posterior structures stay inside the muscle wall (subcutaneous fat remains behind them).
+    yv = 0.44 * b + u(-4.0, 4.0)
     for side in (-1, 1):
-        steps.append(Paint("muscle", Column((side * u(26.0, 32.0), yv + 44.0), (u(22.0, 27.0), 19.0))))
+        steps.append(Paint("muscle", Column((side * u(26.0, 32.0), yv + 40.0), (u(22.0, 27.0), 19.0)),
+                           clip=wall))
         steps.append(Paint("muscle", Column((side * u(30.0, 36.0), yv - 2.0), (0.5, 0.4), zc=-75.0,
                                             radius_slope=-u(0.16, 0.22), z_range=(-math.inf, -75.0))))
     rv = (u(19.0, 23.0), u(16.0, 19.0))
     period, disc = u(32.0, 37.0), u(6.0, 9.0)
     phase = u(0.0, period)
     steps += [
-        Paint("bone", Column((0.0, yv + 27.0), (15.0, 13.0))),
-        Paint("bone", Column((0.0, yv + 48.0), (5.0, 15.0))),
+        Paint("bone", Column((0.0, yv + 27.0), (15.0, 13.0)), clip=wall),
+        Paint("bone", Column((0.0, yv + 45.0), (5.0, 14.0)), clip=wall),
         Paint("bone", Column((0.0, yv), rv)),
         Paint("disc", Column((0.0, yv), rv, period=period, duty=disc, phase=phase)),
         Paint("canal", Column((0.0, yv + 26.0), (8.0, 7.0))),
@@ -480,32 +480,37 @@ def draw_anatomy(rng: np.random.Generator, liver_tumours: int = 0, kidney_tumour
     stomach = _blob(rng, (0.38 * ai, -0.35 * bi, -52.0), (0.33 * ai, 0.33 * bi, 48.0), (0, 0, -20))
     gas = Blob(stomach.centre + np.array([0.0, -0.55 * stomach.radii[1], 0.35 * stomach.radii[2]]),
                stomach.radii * np.array([0.6, 0.45, 0.45]), stomach.rotation, np.zeros(9))
-    steps += [Paint("stomach", stomach, in_cavity=True),
+    steps += [Paint("stomach", stomach, clip=cavity),
               Paint("stomach_gas", gas, within=("stomach",))]
     pancreas = _blob(rng, (0.15 * ai, yv - 55.0, -88.0), (58.0, 11.0, 14.0), (0, -15, 8),
                      deform=0.08, bumps=0.08)
-    steps.append(Paint("pancreas", pancreas, in_cavity=True))
+    steps.append(Paint("pancreas", pancreas, clip=cavity))
 
-    liver = _blob(rng, (-0.45 * ai, -0.08 * bi, -72.0), (0.62 * ai, 0.9 * bi, 68.0), (0, 8, 0),
+    liver = _blob(rng, (-0.47 * ai, -0.08 * bi, -72.0), (0.58 * ai, 0.9 * bi, 68.0), (0, 8, 0),
                   jitter=5.0, bumps=0.06)
-    left_lobe = _blob(rng, (0.02 * ai, -0.5 * bi, -45.0), (0.45 * ai, 0.42 * bi, 38.0), (0, 0, -10),
+    left_lobe = _blob(rng, (-0.04 * ai, -0.52 * bi, -45.0), (0.38 * ai, 0.38 * bi, 36.0), (0, 0, -10),
                       jitter=5.0)
-    steps += [Paint("liver", liver, in_cavity=True), Paint("liver", left_lobe, in_cavity=True)]
+    steps += [Paint("liver", liver, clip=cavity), Paint("liver", left_lobe, clip=cavity)]
     gb_z = liver.centre[2] - 0.45 * liver.radii[2]
     steps.append(Paint("gallbladder", _blob(rng, (-0.32 * ai, -0.55 * bi, gb_z), (14.0, 16.0, 28.0),
-                                            (25, 0, 0), jitter=4.0), in_cavity=True))
+                                            (25, 0, 0), jitter=4.0), clip=cavity))
     spleen = _blob(rng, (0.74 * ai, 0.42 * bi, -55.0), (22.0, 50.0, 48.0), (0, 0, 32), jitter=5.0,
                    deform=0.09)
-    steps.append(Paint("spleen", spleen, in_cavity=True))
+    steps.append(Paint("spleen", spleen, clip=cavity))
 
     kidneys = {}
-    for side, name, z in ((-1, "kidney_r", -102.0), (1, "kidney_l", -90.0)):
+    tumour_sides = [int(rng.integers(0, 2)) for _ in range(kidney_tumours)]
+    for k, (side, name, z) in enumerate(((-1, "kidney_r", -102.0), (1, "kidney_l", -90.0))):
         kid = _blob(rng, (side * 0.53 * ai, 0.5 * bi, z + u(-6.0, 6.0)), (27.0, 19.0, 52.0),
                     (0, -side * 12.0, side * 30.0), jitter=4.0, size=0.1)
+        steps.append(Paint(name, kid, clip=cavity))
+        for _ in range(tumour_sides.count(k)):
+            steps.append(Paint(name.replace("kidney", "kidney_tumour"),
+                               _tumour(rng, kid, (0.1, 0.45), (12.0, 26.0)), within=(name,)))
         # Sinus fat towards the hilum (anteromedial): local +x for the right kidney, -x for the left.
         sinus = Blob(kid.centre + kid.rotation @ np.array([-side * 0.6 * kid.radii[0], 0.0, 0.0]),
                      kid.radii * np.array([0.5, 0.5, 0.45]), kid.rotation, np.zeros(9))
-        steps += [Paint(name, kid, in_cavity=True), Paint("fat", sinus, within=(name,))]
+        steps.append(Paint("fat", sinus, within=(name,)))
         kidneys[name] = kid
 
     # Vessels last among normal structures: they pass through liver and pancreas.
@@ -519,18 +524,14 @@ def draw_anatomy(rng: np.random.Generator, liver_tumours: int = 0, kidney_tumour
     for _ in range(liver_tumours):
         steps.append(Paint("liver_tumour", _tumour(rng, liver, (0.0, 0.6), (6.0, 24.0)),
                            within=("liver",)))
-    for _ in range(kidney_tumours):
-        name = ("kidney_r", "kidney_l")[int(rng.integers(0, 2))]
-        steps.append(Paint(name.replace("kidney", "kidney_tumour"),
-                           _tumour(rng, kidneys[name], (0.15, 0.5), (10.0, 22.0)), within=(name,)))
 
     # Image everything from above the liver/spleen tops to below the lowest kidney pole.
     organs = (liver, left_lobe, spleen, *kidneys.values())
     top = max(o.centre[2] + o.half_extent()[2] for o in organs)
     bottom = min(o.centre[2] - o.half_extent()[2] for o in organs)
-    z_range = (bottom - u(5.0, 18.0), top + u(5.0, 18.0))
+    z_range = (bottom - u(4.0, 14.0), top + u(4.0, 14.0))
     texture = SmoothField.draw(rng, *fov, step=14.0, amplitude=1.0)
-    return Anatomy(tuple(steps), cavity, texture, z_range)
+    return Anatomy(tuple(steps), texture, z_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,7 +569,6 @@ def rasterize(anatomy: Anatomy, grid: Grid) -> np.ndarray:
         uint8 tissue ids (index into :data:`TISSUES`), shape ``grid.shape``.
     """
     tissue = np.zeros(grid.shape, dtype=np.uint8)
-    cavity = anatomy.cavity.mask(grid.z, grid.y, grid.x)
     allowed = np.zeros(256, dtype=bool)
     for step in anatomy.steps:
         win = grid.window(*step.shape.bounds(float(grid.z[0]), float(grid.z[-1])))
@@ -576,8 +576,8 @@ def rasterize(anatomy: Anatomy, grid: Grid) -> np.ndarray:
             continue
         m = step.shape.mask(grid.z[win[0]], grid.y[win[1]], grid.x[win[2]])
         sub = tissue[win]
-        if step.in_cavity:
-            m &= cavity[win]
+        if step.clip is not None:
+            m &= step.clip.mask(grid.z[win[0]], grid.y[win[1]], grid.x[win[2]])
         if step.within is not None:
             allowed[:] = False
             allowed[[TISSUE_ID[t] for t in step.within]] = True
@@ -680,8 +680,9 @@ def make_phantom(rng: np.random.Generator, spec: PhantomSpec) -> tuple[Volume, n
     f = _base_factor(n, spec.base_size)
     z_lo, z_hi = anatomy.z_range
     nz = int(math.ceil((z_hi - z_lo) / sz)) + 1
-    # The body sits near the centre of the field of view; the table height is arbitrary.
-    body = rng.uniform(-10.0, 10.0, 2)
+    # The body sits near the centre of the field of view (and inside its circle: half-width at most
+    # 162 + 7 + 8 mm < 179 mm, the smallest radius of the styles); the table height is arbitrary.
+    body = rng.uniform(-8.0, 8.0, 2)
     table_z = float(rng.uniform(-400.0, -150.0))
     origin = (-(n - 1) * s / 2.0, -(n - 1) * s / 2.0, table_z + z_lo)
     nb = n // f
@@ -867,7 +868,10 @@ def write_dataset(out: str | Path, name: str, cases: int, unlabeled: int, val: i
         slices.append(g.shape[0])
         sizes.add(g.shape[1])
     for rel in sorted(old - new):
-        (folder / rel).unlink(missing_ok=True)
+        parts = Path(rel).parts
+        # Only files synth.py itself names: a split folder and a file name (no '..', no absolute).
+        if len(parts) == 2 and parts[0] in (*numbers, "label") and parts[1] not in ("..", "."):
+            (folder / rel).unlink(missing_ok=True)
     _write_marker(folder, new, info)
     # Empty splits still get their folder: the seed layout expects all of them.
     for split in ("labeled", "validation", "label", *(("unlabeled",) if style.unlabeled else ())):
@@ -940,7 +944,7 @@ def synthesize(out: str | Path, cases: int = 4, unlabeled: int = 4, val: int = 2
         raise InputError(None, f"unknown dataset(s) {unknown} (choose from {', '.join(DATASET_STYLES)})")
     for flag, value in (("--cases", cases), ("--unlabeled", unlabeled), ("--val", val),
                         ("--seed", seed)):
-        if int(value) != value or value < 0:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise InputError(None, f"{flag} must be a non-negative integer, got {value}")
     if not (math.isfinite(scale) and 0.0 < scale <= 2.0) or round(512 * scale) < 16:
         raise InputError(None, f"--scale must be in (1/32, 2], got {scale}")
