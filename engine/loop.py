@@ -285,7 +285,7 @@ def fit(args: Any) -> dict[str, Any]:
             if teacher is not None:
                 teacher.update(unwrap(model))
             for k, v in losses.items():
-                epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
+                epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v.detach())
             epoch_count += 1
             step += 1
 
