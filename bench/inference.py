@@ -1,0 +1,225 @@
+"""Benchmark of whole-volume inference: seconds per CT volume and peak memory.
+
+    python bench/inference.py [--width W] [--device auto|cpu|cuda] [--shape 200,256,256]
+                              [--configs axial,fused] [--block 224] [--tile N] [--batch 16]
+                              [--no-io] [--threads 2]
+
+A random-init MOSNet (width 16 on the CPU, 64 on a GPU by default) segments a synthetic int16 CT of
+``--shape`` (numpy order: slices, rows, columns; spacing 0.8 x 0.8 x 2.5 mm): ``axial`` = one axial
+model, ``fused`` = axial + coronal + sagittal models fused. Each configuration is timed without I/O
+(``segment_volume`` on an in-memory volume) and with I/O (read the .nii.gz, segment, write the
+.nii.gz). Peak RSS above the pre-call level is sampled from /proc during each call; ru_maxrss is the
+process's high-water mark. ``--block`` is the training crop of the fake checkpoint (224 as Final.py's
+default: 256 slices are then processed as 4 overlapping 224 tiles); ``--tile 0`` processes whole
+slices. ``run(...)`` returns the numbers as a dict for ``bench/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.errors import InputError, run_cli  # noqa: E402
+
+VIEWS3 = ("axial", "coronal", "sagittal")
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            import os
+
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class PeakRss(contextlib.AbstractContextManager):
+    """Sample the resident set size every few ms; ``peak_mb`` is the maximum above the start level."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self.start_mb = _rss_mb()
+        self._max = self.start_mb
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_mb())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, _rss_mb())
+        self.peak_mb = self._max - self.start_mb
+
+
+def _phantom(shape: tuple[int, int, int], seed: int):
+    """A CT-like int16 volume: air, a soft-tissue ellipse with noise, two brighter 'organs'."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    body = ((x - nx / 2) / (0.45 * nx)) ** 2 + ((y - ny / 2) / (0.35 * ny)) ** 2 < 1
+    organ = ((x - 0.35 * nx) / (0.12 * nx)) ** 2 + ((y - 0.45 * ny) / (0.1 * ny)) ** 2 < 1
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[:, body] = 40
+    vol[nz // 4: 3 * nz // 4, organ] = 120
+    vol += rng.normal(0, 20, size=shape).astype(np.int16)
+    return vol
+
+
+def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, int] = (200, 256, 256),
+        configs: tuple[str, ...] = ("axial", "fused"), block: int = 224, tile: int | None = None,
+        batch: int = 16, slices: int = 3, io: bool = True, threads: int | None = None,
+        amp: bool | None = None, seed: int = 0) -> dict[str, Any]:
+    """Time inference of one synthetic volume per configuration, with and without NIfTI I/O.
+
+    Args:
+        width: MOSNet width; default 16 on the CPU, 64 on CUDA.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        shape: numpy shape (slices, rows, columns).
+        configs: ``axial`` (one model) and/or ``fused`` (three views).
+        block, tile: the fake checkpoint's training block and the tile override (0 = whole slices).
+        batch, slices: slices per forward pass, 2.5D input slices.
+        io: also time read + segment + write of a .nii.gz.
+        threads: ``torch.set_num_threads`` (CPU); None leaves it.
+        amp: bf16 autocast on CUDA (default on there).
+        seed: weights and phantom seed.
+
+    Returns:
+        dict with the settings and, per configuration, ``{config}_s`` (no I/O), ``{config}_cpu_s``
+        (process CPU time of that call: on a shared machine, CPU time / threads bounds what an idle
+        machine would take), ``{config}_io_s``,
+        ``{config}_peak_rss_mb`` (above the pre-call level), ``{config}_io_peak_rss_mb``, plus
+        ``ru_maxrss_mb`` and ``device``.
+
+    Raises:
+        InputError: unknown configuration or unavailable device.
+    """
+    import resource
+
+    import numpy as np
+    import torch
+
+    from data.config import load_config
+    from data.volume import Geometry, Volume, read_volume, write_volume
+    from inference.segment import LoadedModel, resolve_device, segment_volume
+    from models import build_model
+
+    bad = [c for c in configs if c not in ("axial", "fused")]
+    if bad:
+        raise InputError(None, f"--configs must be axial and/or fused, got {bad}")
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    if width is None:
+        width = 64 if dev.type == "cuda" else 16
+    config = load_config()
+    torch.manual_seed(seed)
+    model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width}
+
+    def make(view: str) -> LoadedModel:
+        model = build_model(model_args).eval().to(dev)
+        return LoadedModel(model=model, config=config, view=view, slices=slices, block=block,
+                           organs=config.organs, path=Path(f"<random {view}>"), model_args=model_args)
+
+    models = {v: make(v) for v in VIEWS3}
+    geo = Geometry(shape, (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
+    volume = Volume(_phantom(shape, seed), geo)
+    kwargs = dict(batch=batch, device=dev, amp=amp, tile=tile)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    # warm-up: kernels, allocator, lazy imports (a few slices of every view)
+    small = Volume(volume.array[:8], Geometry((8, *shape[1:]), geo.spacing, geo.origin))
+    segment_volume([models[v] for v in VIEWS3], small, **kwargs)
+    sync()
+
+    result: dict[str, Any] = {"width": width, "shape": list(shape), "block": block, "tile": tile,
+                              "batch": batch, "slices": slices, "amp": amp}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
+        if io:
+            write_volume(volume, src)
+        for name in configs:
+            members = [models["axial"]] if name == "axial" else [models[v] for v in VIEWS3]
+            with PeakRss() as mem:
+                t0, c0 = time.perf_counter(), time.process_time()
+                seg = segment_volume(members, volume, **kwargs)
+                sync()
+                result[f"{name}_s"] = time.perf_counter() - t0
+                result[f"{name}_cpu_s"] = time.process_time() - c0
+            result[f"{name}_peak_rss_mb"] = mem.peak_mb
+            del seg
+            if io:
+                with PeakRss() as mem:
+                    t0 = time.perf_counter()
+                    write_volume(segment_volume(members, read_volume(src), **kwargs), dst)
+                    sync()
+                    result[f"{name}_io_s"] = time.perf_counter() - t0
+                result[f"{name}_io_peak_rss_mb"] = mem.peak_mb
+    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["device"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                        else f"cpu ({torch.get_num_threads()} threads)")
+    result["voxels"] = int(np.prod(shape))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--width", type=int, default=None, help="default 16 on the CPU, 64 on a GPU")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--shape", default="200,256,256", help="slices,rows,columns")
+    ap.add_argument("--configs", default="axial,fused")
+    ap.add_argument("--block", type=int, default=224)
+    ap.add_argument("--tile", type=int, default=None, help="0 = whole slices")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--slices", type=int, default=3)
+    ap.add_argument("--no-io", action="store_true")
+    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    try:
+        shape = tuple(int(s) for s in a.shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(None, f"--shape must be three positive integers, got {a.shape!r}")
+    r = run(width=a.width, device=a.device, shape=shape, configs=tuple(a.configs.split(",")),  # type: ignore[arg-type]
+            block=a.block, tile=a.tile, batch=a.batch, slices=a.slices, io=not a.no_io,
+            threads=a.threads, amp=False if a.no_amp else None)
+    print(f"{r['device']}: width {r['width']}, volume {tuple(r['shape'])}, block {r['block']}, "
+          f"tile {r['tile']}, batch {r['batch']}")
+    for name in a.configs.split(","):
+        line = (f"  {name:6s} {r[f'{name}_s']:7.2f} s/volume (CPU time {r[f'{name}_cpu_s']:.1f} s, "
+                f"peak +{r[f'{name}_peak_rss_mb']:.0f} MB RSS)")
+        if f"{name}_io_s" in r:
+            line += (f"; with NIfTI read/write {r[f'{name}_io_s']:7.2f} s "
+                     f"(+{r[f'{name}_io_peak_rss_mb']:.0f} MB)")
+        print(line)
+    print(f"  process ru_maxrss {r['ru_maxrss_mb']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

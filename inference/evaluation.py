@@ -1,0 +1,359 @@
+"""Evaluation of label files against ground truth: pairing, label mapping, reports.
+
+Used by ``evaluate.py`` and ``segment.py --evaluating``. The metrics themselves are the pure
+functions of :mod:`utils.metrics`.
+
+Class spaces: each evaluated organ has a value in the prediction (``--labels`` or the config order,
+class ``i + 1``) and a value in the ground truth (the same, or the config class after mapping the
+file values with a dataset's label map, ``--gt-dataset``). Both maps are brought to one space
+(organ ``n`` of the evaluated list = ``n + 1``) before scoring.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.config import Config, DatasetSpec
+from data.volume import VOLUME_SUFFIXES, Volume, read_volume, strip_volume_suffix
+from utils.errors import InputError
+from utils.fileio import write_json_atomic, write_text_atomic
+from utils.metrics import evaluate_case
+
+METRICS = ("dice", "hd95", "assd", "vol_pred_ml", "vol_gt_ml")
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    """``"liver:1,kidney:2"`` -> ``{"liver": 1, "kidney": 2}``.
+
+    Raises:
+        InputError: malformed text, duplicate names or values, values outside 1..255.
+    """
+    out: dict[str, int] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, value = item.partition(":")
+        try:
+            v = int(value)
+        except ValueError:
+            v = -1
+        if not sep or not name.strip() or not 1 <= v <= 255:
+            raise InputError(None, f"--labels: '{item}' is not NAME:VALUE with VALUE in 1..255")
+        if name.strip() in out or v in out.values():
+            raise InputError(None, f"--labels: '{item}' repeats a name or a value")
+        out[name.strip()] = v
+    if not out:
+        raise InputError(None, "--labels is empty")
+    return out
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """Which organs are scored and which label values they have in the prediction and the ground truth.
+
+    Attributes:
+        organs: evaluated organ names (report order).
+        pred_values: value of each organ in prediction files.
+        gt_values: value of each organ in ground truth files *after* the dataset mapping (if any).
+        gt_dataset: dataset whose label map converts ground-truth file values, or None.
+        config: the config (for the dataset mapping).
+        allowed: label values accepted in the files (the config's classes when there is no
+            ``--labels``; other values are an error), or None: values not listed count as background.
+    """
+
+    organs: tuple[str, ...]
+    pred_values: tuple[int, ...]
+    gt_values: tuple[int, ...]
+    gt_dataset: DatasetSpec | None
+    config: Config
+    allowed: tuple[int, ...] | None = None
+
+
+def class_spec(config: Config, labels: dict[str, int] | None = None,
+               gt_dataset: str | None = None) -> ClassSpec:
+    """Build the :class:`ClassSpec` from a config, optional ``--labels`` and ``--gt-dataset``.
+
+    With a dataset, only the organs it labels are scored (a LiTS label map says nothing about
+    kidneys).
+
+    Raises:
+        InputError: unknown dataset, organs of ``labels`` unknown to the config while a dataset maps
+            the ground truth, or nothing left to score.
+    """
+    ds = None
+    if gt_dataset is not None:
+        try:
+            ds = config.dataset(gt_dataset)
+        except KeyError:
+            raise InputError(config.source, f"--gt-dataset '{gt_dataset}' is not a dataset of this config "
+                             f"(datasets: {[d.name for d in config.datasets]})") from None
+    if labels is None:
+        organs = list(config.organs)
+        pred_values = {o: config.organ_index(o) for o in organs}
+    else:
+        organs = list(labels)
+        pred_values = dict(labels)
+    if ds is not None:
+        unknown = [o for o in organs if o not in config.organs]
+        if unknown:
+            raise InputError(None, f"--labels organs {unknown} are not organs of {config.source} "
+                             f"({list(config.organs)}), so --gt-dataset cannot map them")
+        organs = [o for o in organs if o in ds.organ_names()]
+        gt_values = {o: config.organ_index(o) for o in organs}
+    else:
+        gt_values = dict(pred_values)
+    if not organs:
+        raise InputError(None, f"no organ to evaluate (dataset {gt_dataset} labels "
+                         f"{list(ds.organ_names()) if ds else []})")
+    return ClassSpec(tuple(organs), tuple(pred_values[o] for o in organs),
+                     tuple(gt_values[o] for o in organs), ds, config,
+                     allowed=tuple(range(1, config.num_classes)) if labels is None else None)
+
+
+def _check_integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype.kind == "f" and (not np.isfinite(array).all()
+                                    or not np.array_equal(array, np.round(array))):
+        raise InputError(path, "label map has non-integer values")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise InputError(path, f"label values outside 0..255 (min {array.min()}, max {array.max()})")
+    return array.astype(np.uint8, copy=False)
+
+
+def to_eval_space(array: np.ndarray, values: Sequence[int], path: Path,
+                  allowed: Sequence[int] | None = None) -> np.ndarray:
+    """Map label values to the evaluation space (organ ``n`` -> ``n + 1``, everything else 0).
+
+    Args:
+        allowed: values accepted besides 0; others are an error. None accepts anything.
+
+    Raises:
+        InputError: non-integer or out-of-range values; values outside ``allowed``.
+    """
+    a = _check_integer_labels(array, path)
+    if allowed is not None:
+        present = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
+        extra = sorted(set(int(v) for v in present) - {0, *allowed})
+        if extra:
+            raise InputError(path, f"label values {extra} are not classes of the config "
+                             f"({list(allowed)}); give --labels NAME:VALUE,... or --gt-dataset")
+    lut = np.zeros(256, dtype=np.uint8)
+    for n, v in enumerate(values):
+        lut[v] = n + 1
+    return lut[a]
+
+
+def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
+                  gt_path: Path) -> dict[str, dict[str, float]]:
+    """Per-organ metrics of a prediction volume against a ground-truth volume.
+
+    Raises:
+        InputError: the grids differ (names the ground truth file), bad label values.
+    """
+    if not pred.geometry.same_grid(gt.geometry):
+        raise InputError(gt_path, f"grid differs from the prediction {pred_path} "
+                         f"({gt.geometry.describe()} vs {pred.geometry.describe()})")
+    gt_arr = gt.array
+    if spec.gt_dataset is not None:
+        gt_arr = spec.config.map_labels(spec.gt_dataset, gt_arr, gt_path)
+        gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path)
+    else:
+        gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path, spec.allowed)
+    pred_eval = to_eval_space(pred.array, spec.pred_values, pred_path, spec.allowed)
+    spacing_zyx = tuple(reversed(pred.geometry.spacing))
+    return evaluate_case(pred_eval, gt_eval, spacing_zyx, {o: n + 1 for n, o in enumerate(spec.organs)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairing files
+
+
+def case_key(path: Path, token: str | None = None) -> str:
+    """The name that pairs files: the name without its volume suffix, minus ``token`` (first match).
+
+    ``volume-7.nii`` with token ``volume`` -> ``-7``, which pairs with ``segmentation-7.nii``
+    (token ``segmentation``).
+    """
+    stem = strip_volume_suffix(path.name)
+    if token and token in stem:
+        stem = stem.replace(token, "", 1)
+    return stem
+
+
+def list_volume_files(folder: Path) -> list[Path]:
+    """Volume files (NIfTI, MHA, NRRD) directly in ``folder``, sorted; hidden files skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(VOLUME_SUFFIXES))
+
+
+@dataclass(frozen=True)
+class CasePair:
+    key: str
+    pred: Path
+    gt: Path
+
+
+def _index(files: Sequence[Path], token: str | None) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in files:
+        k = case_key(p, token)
+        if k in out:
+            raise InputError(p, f"has the same case name '{k}' as {out[k].name}")
+        out[k] = p
+    return out
+
+
+def pair_cases(pred: str | Path, gt: str | Path, pred_token: str | None = None,
+               gt_token: str | None = None) -> tuple[list[CasePair], list[Path], list[Path]]:
+    """Pair prediction and ground-truth files by case key.
+
+    Args:
+        pred, gt: files or folders (a single prediction file may pair with a folder of ground truth).
+        pred_token, gt_token: tokens removed from names before comparing (dataset image/label tokens).
+
+    Returns:
+        ``(pairs, predictions without ground truth, ground truth without prediction)``.
+
+    Raises:
+        InputError: missing paths, a folder of predictions against a single file, empty folders,
+            duplicate case names, or no pair at all.
+    """
+    pred, gt = Path(pred), Path(gt)
+    for p in (pred, gt):
+        if not p.exists():
+            raise InputError(p, "does not exist")
+    if pred.is_file() and gt.is_file():
+        return [CasePair(case_key(pred, pred_token), pred, gt)], [], []
+    if pred.is_dir() and gt.is_file():
+        raise InputError(gt, "is a single file but the predictions are a folder")
+    pred_files = [pred] if pred.is_file() else list_volume_files(pred)
+    if not pred_files:
+        raise InputError(pred, "holds no volume files")
+    gt_files = list_volume_files(gt)
+    if not gt_files:
+        raise InputError(gt, "holds no volume files")
+    p_idx, g_idx = _index(pred_files, pred_token), _index(gt_files, gt_token)
+    pairs = [CasePair(k, p_idx[k], g_idx[k]) for k in sorted(p_idx) if k in g_idx]
+    if not pairs:
+        raise InputError(gt, f"no ground truth file pairs with the predictions in {pred} "
+                         f"(e.g. case '{next(iter(p_idx))}')")
+    return (pairs, [p_idx[k] for k in sorted(p_idx) if k not in g_idx],
+            [g_idx[k] for k in sorted(g_idx) if k not in p_idx])
+
+
+def read_label_volume(path: Path) -> Volume:
+    """Read a label file (checked: integer values in 0..255)."""
+    vol = read_volume(path)
+    _check_integer_labels(vol.array, path)
+    return vol
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def case_row(key: str, pred: Path, gt: Path, metrics: dict[str, dict[str, float]],
+             organs: Sequence[str]) -> dict[str, Any]:
+    """One flat CSV row: case, files, then ``{organ}_{metric}`` columns (blank if not scored)."""
+    row: dict[str, Any] = {"case": key, "pred": str(pred), "gt": str(gt)}
+    for o in organs:
+        for m in METRICS:
+            row[f"{o}_{m}"] = metrics.get(o, {}).get(m)
+    return row
+
+
+def summarize(per_case: Sequence[dict[str, dict[str, float]]], organs: Sequence[str]) -> dict[str, Any]:
+    """Mean and standard deviation per organ and metric over cases.
+
+    Non-finite distances (an organ missed or invented) are left out of the mean and counted in
+    ``n_not_finite``; the sample standard deviation (ddof 1) is 0 for a single case.
+    """
+    out: dict[str, Any] = {}
+    for o in organs:
+        out[o] = {}
+        for m in METRICS:
+            vals = np.asarray([c[o][m] for c in per_case if o in c], dtype=np.float64)
+            finite = vals[np.isfinite(vals)]
+            out[o][m] = {
+                "mean": float(finite.mean()) if finite.size else None,
+                "sd": float(finite.std(ddof=1)) if finite.size > 1 else (0.0 if finite.size else None),
+                "n": int(vals.size),
+                "n_not_finite": int(vals.size - finite.size),
+            }
+    return out
+
+
+def _fmt(stat: dict[str, Any], digits: int) -> str:
+    if stat["mean"] is None:
+        text = "n/a" if stat["n"] == 0 else "not finite"
+    else:
+        text = f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+    if stat["n_not_finite"] and stat["mean"] is not None:
+        text += f" ({stat['n_not_finite']} not finite)"
+    return text
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as an aligned text table (mean ± sd per organ)."""
+    head = ["organ", "n", "Dice", "HD95 (mm)", "ASSD (mm)", "volume pred (ml)", "volume GT (ml)"]
+    rows = [head]
+    for o, s in summary.items():
+        rows.append([o, str(s["dice"]["n"]), _fmt(s["dice"], 3), _fmt(s["hd95"], 2), _fmt(s["assd"], 2),
+                     _fmt(s["vol_pred_ml"], 1), _fmt(s["vol_gt_ml"], 1)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_case(key: str, metrics: dict[str, dict[str, float]]) -> str:
+    """One line per organ: Dice, HD95, ASSD of a single case."""
+    lines = []
+    for o, m in metrics.items():
+        lines.append(f"{key}  {o:<10s} Dice {m['dice']:.4f}  HD95 {_num(m['hd95'])} mm  "
+                     f"ASSD {_num(m['assd'])} mm  volume {m['vol_pred_ml']:.1f} / {m['vol_gt_ml']:.1f} ml")
+    return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else "not finite"
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def write_report(out_csv: str | Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write per-case rows as CSV (``inf`` for non-finite distances) and the same plus the summary as
+    JSON next to it (same stem, ``.json``; non-finite values become null). Both atomic.
+
+    Returns:
+        The JSON path.
+    """
+    out_csv = Path(out_csv)
+    buf = io.StringIO()
+    fields = list(rows[0].keys()) if rows else ["case"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v))
+                         for k, v in r.items()})
+    json_path = out_csv.with_suffix(".json")
+    payload = {**(extra or {}), "cases": list(rows), "summary": summary,
+               "notes": "distances in mm (HD95 = symmetric 95th percentile Hausdorff, ASSD = average "
+                        "symmetric surface distance); null = not finite (organ missing in prediction "
+                        "or ground truth); volumes in ml"}
+    write_text_atomic(out_csv, buf.getvalue())
+    write_json_atomic(json_path, _json_safe(payload))
+    return json_path
+
