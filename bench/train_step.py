@@ -1,0 +1,191 @@
+"""Micro benchmark of one supervised training step: MOSNet + deep-supervised TAL + backward + RMSprop.
+
+    python bench/train_step.py [--width 16] [--size 128] [--batch 8] [--slices 3] [--device cpu]
+                               [--amp off|bf16|fp16] [--channels-last] [--compile] [--threads 2]
+
+Prints slices/s, seconds/step, training FLOPs per slice (forward + backward, FlopCounterMode) and, on a
+GPU with a known peak, the fraction of dense bf16 peak reached. Data loading is not included: inputs
+are random tensors already on the device, with a partially labeled batch (half the samples label
+organ 1 only) so the merged TAL path runs. ``run(...)`` returns the same numbers as a dict for
+``bench/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.errors import InputError, run_cli  # noqa: E402
+
+AMP = ("off", "bf16", "fp16")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loadavg() -> float | None:
+    try:
+        import os
+
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_classes: int = 4,
+        device: str = "cpu", amp: str = "off", channels_last: bool = False, compile: bool = False,
+        steps: int = 10, warmup: int = 3, threads: int | None = None, blocks: int | list[int] = 1,
+        seed: int = 0) -> dict[str, Any]:
+    """Time ``steps`` supervised training steps after ``warmup`` untimed ones.
+
+    Args:
+        width, blocks: MOSNet width and residual blocks per level.
+        size: square crop size (divisible by 16).
+        batch, slices, num_classes: batch size, 2.5D input slices, classes incl. background.
+        device: torch device string.
+        amp: autocast dtype (``off``, ``bf16``, ``fp16``; fp16 uses a GradScaler on CUDA).
+        channels_last: model and input in channels_last memory format.
+        compile: ``torch.compile`` the model (compile time is reported separately, not timed).
+        steps, warmup: timed and untimed steps.
+        threads: ``torch.set_num_threads`` (CPU), None leaves it.
+        seed: RNG seed for weights and inputs.
+
+    Returns:
+        dict with ``slices_per_s``, ``s_per_step`` (median), ``s_per_step_min``, ``cpu_s_per_step``
+        (process CPU time), ``load_avg_1min``, ``train_flops_per_slice``,
+        ``fwd_flops_per_slice``, ``achieved_tflops``, ``peak_tflops``, ``frac_peak`` (None off GPU or
+        for unknown GPUs), ``compile_s`` and the settings.
+
+    Raises:
+        InputError: invalid settings (size not divisible by 16, unknown amp, unavailable device).
+    """
+    import torch
+
+    from losses.partial import DeepSupervisedLoss
+    from models import build_model
+    from utils.flops import count_flops, peak_tflops
+
+    if amp not in AMP:
+        raise InputError(None, f"--amp must be one of {AMP}, got {amp!r}")
+    if size % 16:
+        raise InputError(None, f"--size must be divisible by 16, got {size}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda asked for but CUDA is not available")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
+                         "blocks": blocks}).to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    # counted on the eager model (before compiling), on a batch of 1 and of ``batch``
+    fwd_flops = count_flops(model, (1, slices, size, size))
+    train_flops = count_flops(model, (batch, slices, size, size), backward=True) / batch
+
+    crit = DeepSupervisedLoss(class_weights=(0.2, 1.2))
+    opt = torch.optim.RMSprop(model.parameters(), lr=5e-4, momentum=0.9)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and dev.type == "cuda")
+    net = torch.compile(model) if compile else model
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, slices, size, size, generator=g) * 2 - 1).to(dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch, size, size), generator=g)
+    labeled = torch.ones(batch, num_classes, dtype=torch.bool)
+    labeled[: batch // 2, 2:] = False  # half the batch labels organ 1 only
+    y[: batch // 2][y[: batch // 2] >= 2] = 0
+    y, labeled = y.to(dev), labeled.to(dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            out = net(x)
+        loss = crit(out, y, labeled)["loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    t0 = time.perf_counter()
+    step()
+    _sync(dev)
+    compile_s = time.perf_counter() - t0 if compile else None
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    times = []
+    cpu0 = time.process_time()
+    for _ in range(steps):
+        _sync(dev)
+        t = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    # CPU seconds of this process per step: on a shared machine it shows the work done, which wall time
+    # (inflated by other processes, and by idle-spinning threads) does not
+    cpu_s = (time.process_time() - cpu0) / steps
+    times.sort()
+    med = times[len(times) // 2]
+    achieved = train_flops * batch / med / 1e12
+    peak = peak_tflops(dev)
+    threads_now = torch.get_num_threads()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({threads_now} threads)"
+    return {
+        "device": name,
+        "width": width, "blocks": blocks, "size": size, "batch": batch, "slices": slices,
+        "amp": amp, "channels_last": channels_last, "compile": compile,
+        "s_per_step": med, "s_per_step_min": times[0], "slices_per_s": batch / med,
+        "cpu_s_per_step": cpu_s, "load_avg_1min": _loadavg(),
+        "fwd_flops_per_slice": int(fwd_flops), "train_flops_per_slice": int(train_flops),
+        "achieved_tflops": achieved, "peak_tflops": peak,
+        "frac_peak": achieved / peak if peak else None, "compile_s": compile_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1],
+                    help="residual blocks per level: one int or four")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--slices", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", choices=AMP, default="off")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    a = ap.parse_args(argv)
+    blocks = a.blocks[0] if len(a.blocks) == 1 else a.blocks
+    r = run(width=a.width, size=a.size, batch=a.batch, slices=a.slices, num_classes=a.classes,
+            device=a.device, amp=a.amp, channels_last=a.channels_last, compile=a.compile, steps=a.steps,
+            warmup=a.warmup, threads=a.threads, blocks=blocks)
+    frac = (f", {100 * r['frac_peak']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s bf16 peak"
+            if r["frac_peak"] else "")
+    print(f"{r['device']}: width {r['width']} blocks {r['blocks']} {r['size']}x{r['size']} "
+          f"batch {r['batch']} slices {r['slices']} amp {r['amp']} channels_last {r['channels_last']} "
+          f"compile {r['compile']}")
+    load = f", load average {r['load_avg_1min']:.2f}" if r["load_avg_1min"] is not None else ""
+    print(f"  {r['slices_per_s']:.1f} slices/s, {r['s_per_step']:.3f} s/step "
+          f"(min {r['s_per_step_min']:.3f}); process CPU {r['cpu_s_per_step']:.3f} s/step{load}")
+    print(f"  FLOPs/slice: forward {r['fwd_flops_per_slice'] / 1e9:.2f} G, training step "
+          f"{r['train_flops_per_slice'] / 1e9:.2f} G; achieved {r['achieved_tflops']:.3f} TFLOP/s{frac}")
+    if r["compile_s"] is not None:
+        print(f"  compile + first step: {r['compile_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
