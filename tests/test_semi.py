@@ -356,3 +356,19 @@ def test_short_run_pseudo_label_confidence_rises():
         pseudo, _ = pseudo_label(model(x).logits, torch.ones(8, 2, dtype=torch.bool), "full")
     dice = 2 * ((pseudo == 1) & (y == 1)).sum() / ((pseudo == 1).sum() + (y == 1).sum())
     assert dice.item() > 0.7
+
+
+def test_strong_views_do_not_update_bn_running_statistics():
+    from engine.semi import frozen_bn_statistics
+
+    bn = torch.nn.BatchNorm2d(2)
+    model = torch.nn.Sequential(bn)
+    model.train()
+    x = torch.randn(4, 2, 5, 5) * 3 + 7
+    with frozen_bn_statistics(model):
+        y = model(x)
+    assert torch.equal(bn.running_mean, torch.zeros(2)) and torch.equal(bn.running_var, torch.ones(2))
+    # Still normalised with the batch's own statistics, and momentum restored afterwards.
+    assert y.mean().abs() < 1e-5 and bn.momentum == 0.1
+    model(x)
+    assert bn.running_mean.abs().sum() > 0
