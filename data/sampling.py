@@ -142,6 +142,8 @@ class SliceDataset(torch.utils.data.Dataset):
         flips: random horizontal / vertical flips.
         rot90: random rotation by a multiple of 90 degrees (unlabeled weak view).
         labeled: return labels (``collate_labeled``) or not (``collate_unlabeled``).
+        intensity: ``(scale, shift)``: per-sample ``x * (1 + U(-scale, scale)) + U(-shift, shift)`` on
+            the windowed image (``shift`` 0.15 = 30 HU with the default window); ``(0, 0)`` = off.
         alternate_every: 0 mixes datasets within a batch (sample ``i`` from dataset
             ``i % n_datasets``); ``k > 0`` takes runs of ``k`` consecutive samples from one dataset
             (with ``k`` = the global batch size, each optimizer step sees one dataset, in turn).
@@ -153,7 +155,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, volumes: Sequence[CachedVolume], config: Config, view: str = "axial",
                  slices: int = 3, block: int = 224, samples_per_epoch: int = 1000, seed: int = 0,
                  fg_prob: float = 0.8, flips: bool = True, rot90: bool = False, labeled: bool = True,
-                 alternate_every: int = 0) -> None:
+                 intensity: tuple[float, float] = (0.0, 0.0), alternate_every: int = 0) -> None:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if not volumes:
@@ -173,6 +175,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.fg_prob, self.flips, self.rot90, self.labeled = float(fg_prob), flips, rot90, labeled
         self.epoch = 0
         self.alternate_every = int(alternate_every)
+        self.intensity = (float(intensity[0]), float(intensity[1]))
         names = [d.name for d in config.datasets]
         present = sorted({v.dataset for v in self.volumes}, key=names.index)
         # Groups of volume indices per dataset, in config order (the balancing cycle).
@@ -266,6 +269,13 @@ class SliceDataset(torch.utils.data.Dataset):
                 if rng.random() < 0.5:
                     image = np.flip(image, axis)
                     label = None if label is None else np.flip(label, axis)
+        scale, shift = self.intensity
+        if scale > 0 or shift > 0:
+            # Scanners and datasets differ by calibration offsets of tens of HU; a per-sample affine
+            # jitter keeps an organ from being recognised by its dataset's absolute intensity.
+            a = 1.0 + rng.uniform(-scale, scale)
+            b = rng.uniform(-shift, shift)
+            image = (image * np.float32(a) + np.float32(b)).astype(np.float32, copy=False)
         return image, label
 
 

@@ -178,3 +178,24 @@ def test_pin_memory(volumes):
     ds = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=2)
     batch = collate_labeled([ds[0], ds[1]]).pin_memory()
     assert batch.image.is_pinned() and batch.label.is_pinned()
+
+
+def test_intensity_jitter_is_a_per_sample_affine_map(volumes):
+    labeled, _ = volumes
+    plain = SliceDataset(labeled, CONFIG, "axial", block=24, samples_per_epoch=32, seed=4, flips=False)
+    jit = SliceDataset(labeled, CONFIG, "axial", block=24, samples_per_epoch=32, seed=4, flips=False,
+                       intensity=(0.1, 0.15))
+    scales = []
+    for i in range(32):
+        a, b = plain[i], jit[i]
+        np.testing.assert_array_equal(a["label"], b["label"])
+        x, y = a["image"].ravel().astype(np.float64), b["image"].ravel().astype(np.float64)
+        if np.ptp(x) < 0.5:
+            continue  # a flat crop pins down only s * x + t, not s and t
+        # y = s * x + t exactly (up to float32 rounding), with s and t inside the asked ranges
+        s, t = np.polyfit(x, y, 1)
+        np.testing.assert_allclose(y, s * x + t, atol=1e-5)
+        assert 0.9 - 1e-6 <= s <= 1.1 + 1e-6 and abs(t) <= 0.15 + 1e-6
+        scales.append(s)
+    assert len(scales) >= 8
+    assert np.std(scales) > 0.01  # drawn per sample, not once
