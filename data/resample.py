@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -357,7 +356,7 @@ def resample_tree(raw_dir: str | Path, out_dir: str | Path, size: tuple[int, int
         label_patterns: file-name patterns (fnmatch) of label maps anywhere.
         workers: processes (> 1 uses a process pool).
         overwrite: redo outputs that exist and are newer than their input.
-        log: callable taking one line (default: print to stderr).
+        log: callable taking one line (default: print to stdout).
 
     Returns:
         Counts ``{"resampled", "copied", "skipped"}``.
@@ -365,7 +364,7 @@ def resample_tree(raw_dir: str | Path, out_dir: str | Path, size: tuple[int, int
     Raises:
         InputError: naming the first bad input.
     """
-    log = log or (lambda line: print(line, file=sys.stderr))
+    log = log or print  # progress on stdout: stderr is kept for the one error line
     jobs = plan_jobs(Path(raw_dir), Path(out_dir), label_dirs, label_patterns)
     todo = [j for j in jobs if overwrite or not is_up_to_date(j)]
     for j in todo:

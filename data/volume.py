@@ -248,6 +248,7 @@ def read_image_sitk(path: str | Path):
         raise InputError(path, "file does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise InputError(path, "file is empty")
+    check_nifti_header(path)
     try:
         img = _read_image(path)
     except InputError:
@@ -258,6 +259,9 @@ def read_image_sitk(path: str | Path):
         raise InputError(path, f"cannot read volume (corrupt or not a supported format) {reason}"
                          .rstrip()) from None
     sitk = _sitk()
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise InputError(path, f"has complex voxels ({img.GetPixelIDTypeAsString()}); expected real CT "
+                         "intensities or integer labels")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "expected a scalar 3D volume")
@@ -296,6 +300,47 @@ def check_finite_nifti(path: str | Path) -> None:
         return  # unreadable files are reported by the SimpleITK reader with a better message
     if not np.isfinite(data).all():
         raise InputError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+
+
+def check_nifti_header(path: str | Path) -> None:
+    """Catch what SimpleITK's NIfTI reader lets through: zero-sized dimensions and truncated files.
+
+    SimpleITK reads a header with ``dim[3] = 0`` as one slice and fills a truncated ``.nii.gz``
+    with partial data. The header (read by nibabel, cheap) gives the data size; an uncompressed
+    file must hold it, and a gzip stream's trailer records its uncompressed length (mod 2**32).
+
+    Raises:
+        InputError: naming the file.
+    """
+    path = Path(path)
+    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        shape = tuple(int(d) for d in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        # Writers (ITK among them) may leave vox_offset at 0; the data then follows the header,
+        # the 4 extension-flag bytes and any extensions.
+        after_header = int(header.sizeof_hdr) + 4 + int(header.extensions.get_sizeondisk())
+        offsets = {int(header.get_data_offset()), after_header}
+    except Exception:
+        return  # not readable as NIfTI by nibabel: SimpleITK's reader reports it
+    if any(d == 0 for d in shape):
+        raise InputError(path, f"has a zero-sized dimension (NIfTI dim {shape})")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = max(offsets) + nbytes
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as fh:
+            fh.seek(-4, 2)
+            isize = int.from_bytes(fh.read(4), "little")
+        if all(isize != (o + nbytes) % 2**32 for o in offsets):
+            raise InputError(path, "is truncated or corrupt (the gzip stream does not hold the "
+                             f"{expected} bytes its NIfTI header announces)")
+    elif path.stat().st_size < min(offsets) + nbytes:
+        raise InputError(path, f"is truncated ({path.stat().st_size} bytes; the NIfTI header "
+                         f"announces {expected})")
 
 
 def _geometry_of(img) -> Geometry:
