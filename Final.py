@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocksize", type=int, default=224, help="random crop size (multiple of 16)")
     g.add_argument("--fg-prob", type=float, default=0.8,
                    help="probability of centring a sample on a slice holding a labeled organ")
-    g.add_argument("--no-flip", action="store_true", help="disable random flips of labeled samples")
+    # Off by default, unlike the original: a left-right flip moves the liver to where the spleen is,
+    # and position is what tells these two organs of similar density apart.
+    g.add_argument("--flip", action="store_true", help="random flips of training samples")
+    g.add_argument("--intensity-jitter", type=float, nargs=2, default=(0.1, 0.15), metavar=("SCALE", "SHIFT"),
+                   help="labeled samples: x*(1+U(-SCALE,SCALE)) + U(-SHIFT,SHIFT) on the [-1,1] window "
+                        "(0.15 = 30 HU); 0 0 = off")
+    g.add_argument("--weak-rot90", action="store_true",
+                   help="random 90-degree rotations of the unlabeled weak view (the original's)")
     g.add_argument("--mix", default="batch", choices=("batch", "alternate"),
                    help="mix datasets within each batch, or give each step one dataset in turn")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
@@ -99,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loop import fit
 
     summary = fit(args)
-    if summary.get("validation"):
+    if summary["stop"] == "preempted":
+        from engine.preempt import EXIT_REQUEUE
+
+        return EXIT_REQUEUE  # Final.sh requeues the job; --resume continues it exactly
+    if summary.get("validation") and summary.get("rank", 0) == 0:
         print("final validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["validation"].items()))
     return 0
 

@@ -1,7 +1,12 @@
-"""Preemption: Slurm sends SIGUSR1 (``#SBATCH --signal=B:USR1@120``) or SIGTERM before it kills a job.
+"""Preemption: Slurm warns with SIGUSR1 (``#SBATCH --signal=B:USR1@180`` in Final.sh, forwarded by the
+script) before the time limit, and sends SIGTERM on scancel or preemption.
 
-The handler only sets a flag; the training loop checks it at step boundaries, writes a resumable
-checkpoint and exits with :data:`EXIT_REQUEUE`, which ``Final.sh`` turns into ``scontrol requeue``.
+The handler only sets a flag; the training loop checks it at every step boundary (all ranks agree),
+writes a resumable checkpoint and exits with :data:`EXIT_REQUEUE`, which ``Final.sh`` turns into
+``scontrol requeue``. Repeated signals are absorbed on purpose: under Slurm one process may get
+SIGTERM directly and SIGUSR1 through the launcher at the same moment, and escalating on the second
+would kill it mid-checkpoint. DataLoader workers ignore both signals (engine/loop.py), so a signal
+sent to every process of the job does not take the data pipeline down before the checkpoint.
 """
 
 from __future__ import annotations

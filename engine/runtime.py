@@ -10,14 +10,20 @@ import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA (this process's local rank under torchrun) when present, else CPU."""
+    """``auto`` -> CUDA when present, else CPU. A CUDA device without an index is this process's
+    local rank under torchrun (``LOCAL_RANK``), so ``--device cuda`` puts each rank on its own GPU.
+
+    Raises:
+        ValueError: CUDA asked for but not available.
+    """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return dev
 
 

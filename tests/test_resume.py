@@ -1,0 +1,216 @@
+"""Preemption and --resume: a run stopped by a signal and resumed ends exactly like an uninterrupted run.
+
+The uninterrupted references are ``tiny_runs`` (Final.py subprocesses, 2 epochs x 2 steps, workers 0).
+Stopped runs call ``engine.loop.fit`` in-process; the stop is a real SIGUSR1 sent to this process from
+inside the N-th training step (the step function is wrapped, nothing in the loop is test-specific),
+so the loop's own handler, step-boundary check, checkpoint and resume are what is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine.loop
+import engine.semi
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.loop import fit
+from engine.preempt import EXIT_REQUEUE
+from tests.conftest import REPO, run_script, script_env, train_args, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAST = "resu_last_axial.pth.tar"
+# Columns that depend on the wall clock, not on the computation.
+CLOCK = ("time_s", "slices_per_s")
+MODES = {"sup": ["--no-semi"], "semi": ["--semi", "--teacher", "ema"]}
+
+
+def _stop_after(monkeypatch, n: int, sig: int = signal.SIGUSR1) -> None:
+    """Send ``sig`` to this process during the n-th training step (supervised or semi-supervised)."""
+    calls = {"n": 0}
+
+    def wrap(fn):
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), sig)
+            return fn(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(engine.loop, "supervised_step", wrap(engine.loop.supervised_step))
+    monkeypatch.setattr(engine.semi, "semi_step", wrap(engine.semi.semi_step))
+
+
+def _history(path):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in row.items() if k not in CLOCK} for row in csv.DictReader(fh)]
+
+
+def _state_diff(a: dict, b: dict) -> float:
+    """Max abs difference over every tensor of two (nested) state dicts; inf when structures differ."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return float("inf")
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return float("inf")
+        return max((_state_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return float("inf")
+        return max((_state_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0 if a == b else float("inf")
+
+
+def _assert_same_run(out, ref) -> dict[str, float]:
+    """The stopped-and-resumed run in ``out`` ended exactly like ``ref``; returns the differences."""
+    got, want = load_checkpoint(out / LAST), load_checkpoint(ref / LAST)
+    diffs = {key: _state_diff(got[key], want[key]) for key in ("model", "optimizer", "ema") if key in want}
+    assert set(diffs) == {key for key in ("model", "optimizer", "ema") if key in got}
+    assert got["step"] == want["step"] == 4
+    assert got["best_score"] == want["best_score"]
+    assert diffs == dict.fromkeys(diffs, 0.0), diffs  # bit-identical on CPU
+    assert _history(out / "history_axial.csv") == _history(ref / "history_axial.csv")
+    best_got, best_want = load_checkpoint(out / "resu_best_axial.pth.tar"), \
+        load_checkpoint(ref / "resu_best_axial.pth.tar")
+    assert best_got["step"] == best_want["step"]
+    assert _state_diff(best_got["model"], best_want["model"]) == 0.0
+    return diffs
+
+
+@pytest.mark.parametrize(("mode", "stop_after", "workers"), [
+    ("sup", 1, 0),                                            # mid-epoch
+    ("semi", 2, 0),                                           # right at the end of epoch 1
+    pytest.param("sup", 2, 2, marks=pytest.mark.slow),
+    pytest.param("semi", 1, 2, marks=pytest.mark.slow),
+    pytest.param("semi", 3, 0, marks=pytest.mark.slow),
+])
+def test_stop_and_resume_is_exact(tiny_data, tiny_runs, tmp_path, monkeypatch, mode, stop_after, workers):
+    extra = [*MODES[mode], "--workers", str(workers)]
+    _stop_after(monkeypatch, stop_after)
+    first = fit(train_args(tiny_data, tmp_path, *extra))
+    assert first["stop"] == "preempted" and first["steps"] == stop_after
+    ckpt = load_checkpoint(tmp_path / LAST)
+    at_epoch_end = stop_after % 2 == 0
+    assert ckpt["step"] == stop_after
+    assert ckpt["loop"]["pending_end"] is at_epoch_end
+    assert ckpt["loop"]["meter"]["count"] == (2 if at_epoch_end else 1)
+    # Nothing is validated or logged under the deadline: the epoch's row is still to come.
+    rows = _history(tmp_path / "history_axial.csv") if (tmp_path / "history_axial.csv").exists() else []
+    assert [r["step"] for r in rows] == [str(s) for s in (2,) if s < stop_after]
+    monkeypatch.undo()
+
+    second = fit(train_args(tiny_data, tmp_path, *extra, "--resume"))
+    assert second["stop"] == "done" and second["steps"] == 4
+    _assert_same_run(tmp_path, tiny_runs[mode])
+
+
+def test_sigterm_to_final_py_then_resume(tiny_data, tiny_runs, tmp_path):
+    """The real thing: SIGTERM to every process of a running Final.py (as Slurm's scancel does,
+    loader workers included), exit code 3, then `--resume` (auto) finishes the run exactly."""
+    argv = [sys.executable, "Final.py", *train_argv(tiny_data, tmp_path, "--no-semi", "--workers", "2")]
+    proc = subprocess.Popen(argv, cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # the end of epoch 1 is logged after its validation
+            if line.startswith("epoch 1/2"):
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, err[-2000:]
+    assert load_checkpoint(tmp_path / LAST)["step"] in (3, 4)
+    done = run_script("Final.py", *train_argv(tiny_data, tmp_path, "--no-semi", "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    _assert_same_run(tmp_path, tiny_runs["sup"])
+
+
+def test_time_budget_stop_validates_and_resumes(tiny_data, tiny_runs, tmp_path):
+    """A --time-budget stop keeps the run usable (best/last, a row for the partial epoch) and resumable."""
+    first = fit(train_args(tiny_data, tmp_path, "--no-semi", "--time-budget", "1e-9"))
+    assert first["stop"] == "time budget" and first["steps"] == 1
+    assert "score" in first["validation"]
+    assert (tmp_path / "resu_best_axial.pth.tar").is_file()
+    rows = _history(tmp_path / "history_axial.csv")
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "1")]  # the partial epoch's row
+    second = fit(train_args(tiny_data, tmp_path, "--no-semi", "--resume"))
+    assert second["steps"] == 4
+    got, want = load_checkpoint(tmp_path / LAST), load_checkpoint(tiny_runs["sup"] / LAST)
+    assert _state_diff(got["model"], want["model"]) == 0.0  # the weights do not depend on the stop
+    assert _state_diff(got["optimizer"], want["optimizer"]) == 0.0
+    # Each step is counted in exactly one row: the partial row, then the rest of epoch 1.
+    rows = _history(tmp_path / "history_axial.csv")
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "4")]
+    ref = _history(tiny_runs["sup"] / "history_axial.csv")
+    assert rows[2] == ref[1]
+
+
+def test_resume_refuses_foreign_and_mismatching_checkpoints(tiny_data, tiny_runs, tmp_path, capsys):
+    """Exit code 2 and one line naming the file; nothing written to the output folder."""
+    from Final import main
+    from utils.errors import run_cli
+
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    ckpt = load_checkpoint(tiny_runs["sup"] / LAST)
+    wider = tmp_path / "wide.pth.tar"
+    save_checkpoint({**ckpt, "width": 8, "model_args": {**ckpt["model_args"], "width": 8}}, wider)
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes((tiny_runs["sup"] / LAST).read_bytes()[:5000])
+    coronal = tmp_path / "coronal.pth.tar"
+    save_checkpoint({**ckpt, "view": "coronal"}, coronal)
+    no_optim = tmp_path / "inference_only.pth.tar"
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "optimizer"}, no_optim)
+    blocks = tmp_path / "blocks.pth.tar"
+    save_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "blocks": [2, 2, 2, 2]}}, blocks)
+    cases = [(foreign, "not a UniMOS checkpoint"), (wider, "width is 8 but 4"),
+             (truncated, "not a loadable checkpoint"), (coronal, "view is 'coronal'"),
+             (no_optim, "has no optimizer"), (blocks, "differs from the requested"),
+             (tmp_path / "missing.pth.tar", "does not exist")]
+    for path, message in cases:
+        out = tmp_path / f"out_{path.stem}"
+        with pytest.raises(SystemExit) as exc:
+            run_cli(main, train_argv(tiny_data, out, "--no-semi", "--resume", str(path)))
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert exc.value.code == 2, err
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and message in lines[0], lines
+        assert not out.exists()
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoints(tiny_data, tiny_runs, tmp_path, monkeypatch):
+    """torch.save dies half-way through a file (disk full): best/last stay the complete previous ones,
+    no temporary file is left, and --resume from them still reproduces the uninterrupted run."""
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # epoch 1: best and last
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04" + bytes(4096))  # the start of a zip archive, then nothing
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        fit(train_args(tiny_data, tmp_path, "--no-semi"))
+    monkeypatch.undo()
+    assert calls["n"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar"]
+    for name in ("resu_best_axial.pth.tar", LAST):
+        assert load_checkpoint(tmp_path / name)["step"] == 2
+    assert fit(train_args(tiny_data, tmp_path, "--no-semi", "--resume"))["steps"] == 4
+    _assert_same_run(tmp_path, tiny_runs["sup"])

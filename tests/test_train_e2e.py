@@ -1,0 +1,57 @@
+"""End to end: Final.py on tiny phantoms (two epochs of two steps, CPU), supervised and semi-supervised."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from models import build_model
+
+BASE_COLUMNS = ["epoch", "step", "lr", "time_s", "slices_per_s", "loss", "loss_x"]
+SEMI_COLUMNS = ["loss_fp", "loss_s1", "loss_s2", "mask_ratio", "conf_mean", "threshold"]
+VAL_COLUMNS = ["val/KiTS/kidney", "val/LiTS/liver", "val/MSDSpleen/spleen", "val/score"]
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.mark.parametrize("kind", ["sup", "semi"])
+def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
+    out = tiny_runs[kind]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar",
+        "train_summary_axial.json"]  # nothing else: no temporary files left behind
+
+    expect = {"organs": ["liver", "kidney", "spleen"], "view": "axial", "slices": 3, "width": 4}
+    last = load_checkpoint(out / "resu_last_axial.pth.tar", expect=expect)
+    best = load_checkpoint(out / "resu_best_axial.pth.tar", expect=expect)
+    assert last["step"] == 4 and last["epoch"] == 2
+    assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4}
+    assert {"optimizer", "loop", "best_score", "config", "args"} <= set(last)
+    assert last["loop"]["pending_end"] is False and last["loop"]["meter"] == {"sums": {}, "count": 0}
+    assert ("ema" in last) == (kind == "semi")
+    assert best["step"] in (2, 4) and best["best_score"] == last["best_score"]
+    net = build_model(last["model_args"])
+    net.load_state_dict(last["model"])  # the stored weights rebuild the network
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+    columns, rows = _rows(out / "history_axial.csv")
+    want = BASE_COLUMNS + (SEMI_COLUMNS if kind == "semi" else []) + VAL_COLUMNS
+    assert columns == want
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    scores = [float(r["val/score"]) for r in rows]
+    assert last["best_score"] == pytest.approx(max(scores), abs=1e-6)  # CSV keeps 6 digits
+
+    summary = json.loads((out / "train_summary_axial.json").read_text())
+    assert summary["stop"] == "done" and summary["steps"] == summary["total_steps"] == 4
+    assert summary["semi"] is (kind == "semi") and summary["world"] == 1
+    assert summary["validation"]["score"] == pytest.approx(scores[-1], abs=1e-6)
