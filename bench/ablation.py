@@ -1,0 +1,660 @@
+"""Ablation on phantoms: naive loss vs target adaptive loss (TAL) vs TAL + semi-supervision.
+
+    python -m bench.ablation --out DIR [--quick] [--steps 540] [--epochs 12] [--scarce 2]
+                             [--plentiful 6] [--unlabeled 6] [--semi-variants] [--device auto]
+                             [--settings scarce,plentiful] [--variants naive,tal,tal+semi]
+                             [--final-args "..."] [--reuse]
+
+What it does (everything under ``DIR``):
+
+1. Synthesizes phantoms once (``data.phantom.synthesize``) into ``DIR/phantoms``: the partial datasets
+   LiTS (liver), KiTS (kidney), MSDSpleen (spleen) with ``--plentiful`` labeled, ``--val`` validation
+   and ``--unlabeled`` unlabeled cases each, and ``--held-out`` BTCV validation cases, which label all
+   three organs. A rerun with the same settings reuses them.
+2. Resamples the partial datasets in-plane once (``data.resample.resample_tree``) to
+   ``DIR/resampled``.
+3. Makes one training root per setting under ``DIR/train_data`` of symlinks into ``DIR/resampled``:
+   ``scarce`` keeps the first ``--scarce`` labeled volumes of each dataset, ``plentiful`` the first
+   ``--plentiful``; both keep every validation and unlabeled volume. No fully labeled data is trained
+   on. One slice cache (``DIR/cache``) serves every run (its key is the resolved file).
+4. Trains every variant of every setting with ``python Final.py ...`` (what a user runs), same seed
+   and same number of labeled steps for all: ``naive`` (``--loss naive --no-semi``), ``tal``
+   (``--loss tal --no-semi``), ``tal+semi`` (``--semi --pseudo merged --teacher self`` with a third of
+   the epochs supervised first: pseudo-labels of an untrained model are noise). ``--semi-variants``
+   adds ``tal+semi/full`` (``--pseudo full``) and ``tal+semi/ema`` (``--teacher ema``) on the scarce
+   setting. Semi runs see ``2 x --unlabeled-batch`` unlabeled slices per step on top.
+5. Segments each held-out BTCV volume on its original grid with the run's best checkpoint
+   (``inference.segment.segment_volume``; selected on the partial datasets' validation volumes) and
+   scores Dice per organ (``utils.metrics.dice``) against the BTCV labels mapped by the config.
+
+Writes ``DIR/ablation.json`` (settings, machine, every run's command, times, per-case and mean Dice)
+and ``DIR/ablation.md`` (setting x variant x organ Dice + mean), after every run, and prints the table.
+Training logs go to ``DIR/runs/<setting>_<variant>/train.log``.
+
+Budget (2 cores, quiet machine, CPU preset): a supervised step takes ~0.25 s, a semi step ~0.65 s,
+so the default 6 runs of 540 labeled steps take ~2 x 540 x (0.25 + 0.25 + (0.25 + 2 x 0.65) / 3)
+~ 18 min of steps, plus ~3 min of phantoms (~10 s), caching, validation (12 per run) and evaluation
+(~2 s per run): ~21 min. ``--semi-variants`` adds two semi runs, ~10 min. ``--quick`` (tiny phantoms
+and network, 6 runs of 6 steps) takes ~30 s. Other processes on the machine slow all of it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.errors import InputError, run_cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PARTIAL = ("LiTS", "KiTS", "MSDSpleen")
+HELD_OUT = "BTCV"
+VIEW = "axial"
+
+# Final.py arguments of each variant (the semi ones also get --semi-warmup).
+VARIANTS: dict[str, list[str]] = {
+    "naive": ["--loss", "naive", "--no-semi"],
+    "tal": ["--loss", "tal", "--no-semi"],
+    "tal+semi": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "self"],
+}
+SEMI_VARIANTS: dict[str, list[str]] = {
+    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
+    "tal+semi/ema": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "ema"],
+}
+SETTINGS = ("scarce", "plentiful")
+SYNTH_STAMP = ".ablation_synth.json"
+RESAMPLE_STAMP = ".ablation_resampled.json"
+RUN_STAMP = "ablation_command.json"
+
+
+@dataclass
+class Options:
+    """Everything that decides the ablation's result (stored in ``ablation.json``).
+
+    Attributes:
+        out: output folder.
+        scarce / plentiful: labeled volumes per partial dataset in the two settings.
+        unlabeled / val: unlabeled and validation volumes per partial dataset.
+        held_out: BTCV volumes scored.
+        scale: phantom in-plane size factor (0.5: 256x256 originals).
+        steps / epochs: labeled steps of every run, split into this many epochs (validation each).
+        inplane / width / blocksize / batch / unlabeled_batch / workers: the Final.py preset.
+        settings / variants: what to train; semi_variants adds the two semi variants (scarce only).
+        seed, device, threads: seeds of phantoms and training; device; threads per process.
+        final_args: extra Final.py arguments for every run.
+        reuse: skip a run whose folder holds a finished run of the identical command.
+        checkpoint: ``best`` (chosen on the partial datasets' validation volumes, what segment.py
+            uses) or ``last`` (the end of the fixed step budget) is scored.
+        quick: the ``--quick`` preset was applied (recorded only).
+    """
+
+    out: str
+    scarce: int = 2
+    plentiful: int = 6
+    unlabeled: int = 6
+    val: int = 1
+    held_out: int = 2
+    scale: float = 0.5
+    steps: int = 540
+    epochs: int = 12
+    inplane: int = 128
+    width: int = 16
+    blocksize: int = 128
+    batch: int = 8
+    unlabeled_batch: int = 4
+    workers: int = 1
+    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    semi_variants: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 2
+    final_args: str = ""
+    reuse: bool = False
+    checkpoint: str = "best"
+    quick: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.steps / self.epochs))
+
+    @property
+    def semi_warmup(self) -> int:
+        return self.epochs // 3
+
+
+QUICK = {"scarce": 1, "plentiful": 2, "unlabeled": 1, "val": 1, "held_out": 1, "scale": 0.125,
+         "steps": 6, "epochs": 3, "inplane": 32, "width": 4, "blocksize": 32, "batch": 2,
+         "unlabeled_batch": 2, "workers": 0}
+
+
+def check_options(o: Options) -> None:
+    """Raise InputError on settings that cannot work (before anything is written)."""
+    if o.scarce < 1 or o.plentiful < o.scarce:
+        raise InputError(None, f"need 1 <= --scarce <= --plentiful, got {o.scarce} and {o.plentiful}")
+    for flag, v in (("--unlabeled", o.unlabeled), ("--val", o.val), ("--held-out", o.held_out),
+                    ("--steps", o.steps), ("--epochs", o.epochs), ("--batch", o.batch),
+                    ("--unlabeled-batch", o.unlabeled_batch)):
+        if v < (0 if flag in ("--unlabeled", "--val") else 1):
+            raise InputError(None, f"{flag} must be positive, got {v}")
+    if o.inplane % 16 or o.blocksize % 16 or o.blocksize > o.inplane:
+        raise InputError(None, f"--inplane {o.inplane} and --blocksize {o.blocksize} must be multiples "
+                         "of 16 with blocksize <= inplane")
+    bad = [s for s in o.settings if s not in SETTINGS] + [v for v in o.variants if v not in VARIANTS]
+    if bad or not o.settings or not o.variants:
+        raise InputError(None, f"unknown or empty settings/variants {bad} (settings {SETTINGS}, "
+                         f"variants {tuple(VARIANTS)})")
+    if o.checkpoint not in ("best", "last"):
+        raise InputError(None, f"--checkpoint must be best or last, got {o.checkpoint!r}")
+    semi = any("--semi" in VARIANTS[v] for v in o.variants) or o.semi_variants
+    if semi and o.unlabeled < 1:
+        raise InputError(None, "semi-supervised variants need --unlabeled >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _synth_settings(o: Options) -> dict[str, Any]:
+    return {"seed": o.seed, "scale": o.scale, "cases": o.plentiful, "unlabeled": o.unlabeled,
+            "val": o.val, "held_out": o.held_out}
+
+
+def _read_stamp(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_phantoms(o: Options, log=print) -> Path:
+    """Synthesize the phantoms into ``out/phantoms`` unless the same ones are already there."""
+    from data.phantom import synthesize
+
+    raw = Path(o.out) / "phantoms"
+    want = _synth_settings(o)
+    stamp = raw / SYNTH_STAMP
+    if _read_stamp(stamp) == want:
+        log(f"phantoms: reusing {raw}")
+        return raw
+    stamp.unlink(missing_ok=True)
+    t0 = time.time()
+    synthesize(raw, cases=o.plentiful, unlabeled=o.unlabeled, val=o.val, seed=o.seed, datasets=PARTIAL,
+               scale=o.scale, log=lambda line: log("  " + line))
+    synthesize(raw, cases=0, unlabeled=0, val=o.held_out, seed=o.seed, datasets=[HELD_OUT], scale=o.scale,
+               log=lambda line: log("  " + line))
+    from utils.fileio import write_json_atomic
+
+    write_json_atomic(stamp, want)
+    log(f"phantoms: {time.time() - t0:.0f} s")
+    return raw
+
+
+def resample_partial(o: Options, raw: Path, log=print) -> Path:
+    """Resample the partial datasets in-plane to ``--inplane`` into ``out/resampled``.
+
+    Reused when it was made from the same phantoms at the same size; otherwise rebuilt from scratch
+    (resampled files of phantoms that no longer exist must not stay behind as training cases).
+
+    Raises:
+        InputError: ``out/resampled`` exists, is not empty and was not written by this script.
+    """
+    from data.resample import resample_tree
+    from utils.fileio import write_json_atomic
+
+    res = Path(o.out) / "resampled"
+    want = {"phantoms": _synth_settings(o), "inplane": o.inplane}
+    stamp = res / RESAMPLE_STAMP
+    if _read_stamp(stamp) == want:
+        log(f"resampled data: reusing {res}")
+        return res
+    if res.exists():
+        if not stamp.is_file() and any(res.iterdir()):
+            raise InputError(res, f"exists, is not empty and holds no {RESAMPLE_STAMP}; choose another --out")
+        shutil.rmtree(res)
+    t0 = time.time()
+    for ds in PARTIAL:
+        resample_tree(raw / ds, res / ds, (o.inplane, o.inplane), log=lambda _line: None)
+    write_json_atomic(stamp, want)
+    log(f"resampled to {o.inplane}x{o.inplane}: {res} ({time.time() - t0:.0f} s)")
+    return res
+
+
+def make_training_root(res: Path, root: Path, labeled: int) -> dict[str, dict[str, int]]:
+    """A seed-layout data root of symlinks into ``res`` keeping the first ``labeled`` labeled cases.
+
+    Args:
+        res: resampled data root (one folder per partial dataset).
+        root: folder to (re)create; only ever holds symlinks written here.
+        labeled: labeled cases kept per dataset (in natural case order).
+
+    Returns:
+        dataset -> counts per split.
+
+    Raises:
+        InputError: a dataset has fewer labeled cases than asked for; ``root`` holds anything but
+            folders and symlinks (it is not a root this function made).
+    """
+    from data.config import load_config
+    from data.layout import discover
+
+    config = load_config()
+    if root.exists():
+        foreign = [p for p in root.rglob("*") if not p.is_symlink() and not p.is_dir()]
+        if foreign or not root.is_dir():
+            raise InputError(foreign[0] if foreign else root, "is not a symlink this script made; "
+                             "choose another --out")
+        shutil.rmtree(root)  # only symlinks: removing them leaves their targets alone
+    counts: dict[str, dict[str, int]] = {}
+    for ds in PARTIAL:
+        cases = discover(config, res, [ds])
+        lab = [c for c in cases if c.split == "labeled"]
+        if len(lab) < labeled:
+            raise InputError(res / ds, f"has {len(lab)} labeled cases, {labeled} asked for")
+        keep = lab[:labeled] + [c for c in cases if c.split != "labeled"]
+        folder = root / ds
+        for sub in ("labeled", "validation", "unlabeled", "label"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for c in keep:
+            (folder / c.split / c.image.name).symlink_to(c.image.resolve())
+            if c.label is not None:
+                (folder / "label" / c.label.name).symlink_to(c.label.resolve())
+        counts[ds] = {s: sum(c.split == s for c in keep) for s in ("labeled", "validation", "unlabeled")}
+    return counts
+
+
+def held_out_cases(raw: Path) -> list[Any]:
+    """The BTCV validation cases (original grids) scored by the ablation."""
+    from data.config import load_config
+    from data.layout import discover
+
+    cases = [c for c in discover(load_config(), raw, [HELD_OUT]) if c.split == "validation"]
+    if not cases:
+        raise InputError(raw / HELD_OUT, "no held-out validation volumes")
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+def plan_runs(o: Options) -> list[tuple[str, str]]:
+    """``(setting, variant)`` pairs in run order."""
+    runs = [(s, v) for s in o.settings for v in o.variants]
+    if o.semi_variants and "scarce" in o.settings:
+        runs += [("scarce", v) for v in SEMI_VARIANTS]
+    return runs
+
+
+def variant_args(variant: str) -> list[str]:
+    """Final.py arguments of a variant (without the semi warm-up)."""
+    return list(VARIANTS.get(variant) or SEMI_VARIANTS[variant])
+
+
+def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: str) -> list[str]:
+    """The ``python Final.py ...`` command line of one run.
+
+    Args:
+        o: options (preset, steps, seed).
+        data_root: the setting's training root.
+        cache: shared slice cache folder.
+        out: the run's output folder.
+        variant: key of :data:`VARIANTS` or :data:`SEMI_VARIANTS`.
+
+    Returns:
+        argv list starting with the Python executable.
+    """
+    args = variant_args(variant)
+    cmd = [sys.executable, str(REPO / "Final.py"), "--data", str(data_root), "--datasets", ",".join(PARTIAL),
+           "--cache", str(cache), "--out", str(out), "--view", VIEW, "--seed", str(o.seed),
+           "--inplane", str(o.inplane), str(o.inplane), "--width", str(o.width),
+           "--blocksize", str(o.blocksize), "-b", str(o.batch),
+           "--unlabeled-batchsize", str(o.unlabeled_batch),
+           "--channels-last", "--schedule", "poly", "--workers", str(o.workers), "--device", o.device,
+           "--epochs", str(o.epochs), "--steps-per-epoch", str(o.steps_per_epoch), *args]
+    if "--semi" in args:
+        cmd += ["--semi-warmup", str(o.semi_warmup)]
+    return cmd + shlex.split(o.final_args)
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    t = str(threads)
+    env.update({"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _finished(out: Path, cmd: list[str]) -> bool:
+    try:
+        same = json.loads((out / RUN_STAMP).read_text())["command"] == cmd[1:]
+        summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return same and summary.get("stop") == "done" and (out / f"resu_best_{VIEW}.pth.tar").is_file()
+
+
+def train(cmd: list[str], out: Path, threads: int, reuse: bool, log=print) -> dict[str, Any]:
+    """Run one Final.py command (log in ``out/train.log``), or reuse an identical finished run.
+
+    Returns:
+        ``{"returncode", "wall_s", "reused", "summary" (train_summary json or None), "tail"}``.
+
+    Raises:
+        InputError: ``out`` exists and was not written by this script.
+    """
+    if reuse and _finished(out, cmd):
+        log("  reusing the finished run in " + str(out))
+        summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
+        return {"returncode": 0, "wall_s": 0.0, "reused": True, "summary": summary, "tail": ""}
+    if out.exists():
+        if not (out / RUN_STAMP).is_file() and any(out.iterdir()):
+            raise InputError(out, f"exists and holds no {RUN_STAMP}: not a run of this script; "
+                             "choose another --out")
+        shutil.rmtree(out)  # a stale best checkpoint must not outlive its run
+    out.mkdir(parents=True)
+    from utils.fileio import write_json_atomic
+
+    write_json_atomic(out / RUN_STAMP, {"command": cmd[1:]})
+    log("  $ " + " ".join(shlex.quote(c) for c in ["python", *cmd[1:]]))
+    t0 = time.time()
+    tail: list[str] = []
+    with open(out / "train.log", "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            log("    " + line.rstrip())
+            tail = (tail + [line.rstrip()])[-20:]
+        rc = proc.wait()
+    summary = None
+    with contextlib.suppress(OSError, ValueError):  # a failed run writes no summary
+        summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
+    return {"returncode": rc, "wall_s": round(time.time() - t0, 1), "reused": False, "summary": summary,
+            "tail": "\n".join(tail) if rc else ""}
+
+
+def evaluate(run_dir: Path, cases: list[Any], device: str, batch: int = 16,
+             checkpoint: str = "best") -> dict[str, Any]:
+    """Dice per organ of one of the run's checkpoints on the held-out cases (original grids).
+
+    Args:
+        run_dir: Final.py ``--out`` folder (``resu_{checkpoint}_axial.pth.tar``).
+        cases: held-out :class:`data.layout.Case` list (image + label of a fully labeled dataset).
+        device: inference device.
+        batch: slices per forward pass.
+        checkpoint: ``best`` or ``last``.
+
+    Returns:
+        ``{"dice": {organ: mean}, "mean": mean over organs, "per_case": {case_id: {organ: dice}},
+        "checkpoint_step", "seconds"}``.
+
+    Raises:
+        InputError: missing/unfit checkpoint, unreadable volumes, grid mismatch.
+    """
+    import numpy as np
+
+    from data.config import load_config
+    from data.volume import read_volume
+    from engine.checkpoint import best_name, last_name, load_checkpoint
+    from inference.segment import load_model, resolve_device, segment_volume
+    from utils.metrics import dice
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    path = run_dir / (best_name(VIEW) if checkpoint == "best" else last_name(VIEW))
+    model = load_model(path, view=VIEW, device=dev)
+    step = load_checkpoint(path).get("step")  # a best checkpoint from the warm-up is worth knowing
+    config = load_config()  # the BTCV label values come from the config of this repository
+    spec = config.dataset(HELD_OUT)
+    organs = list(model.organs)
+    per_case: dict[str, dict[str, float]] = {}
+    for case in cases:
+        image, gt = read_volume(case.image), read_volume(case.label)
+        if not image.geometry.same_grid(gt.geometry):
+            raise InputError(case.label, f"grid differs from its image {case.image}")
+        pred = segment_volume(model, image, batch=batch, device=dev).array
+        gt_classes = config.map_labels(spec, gt.array, case.label)
+        per_case[case.case_id] = {o: dice(pred == model.config.organ_index(o),
+                                          gt_classes == config.organ_index(o)) for o in organs}
+    means = {o: float(np.mean([d[o] for d in per_case.values()])) for o in organs}
+    return {"dice": means, "mean": float(np.mean(list(means.values()))), "per_case": per_case,
+            "checkpoint_step": step, "seconds": round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def _label(setting: str, result: dict[str, Any]) -> str:
+    n = result.get("labeled_per_dataset")
+    return f"{setting} ({n} labeled/dataset)" if n is not None else setting
+
+
+def format_table(results: list[dict[str, Any]], organs: list[str]) -> str:
+    """Markdown table: one row per run (setting, variant), Dice per organ and their mean.
+
+    Args:
+        results: run records (``setting``, ``variant``, ``labeled_per_dataset``, ``dice``, ``mean``,
+            ``train_s``, or ``error``).
+        organs: organ column order.
+
+    Returns:
+        Markdown text (header + rows).
+    """
+    head = ["setting", "variant", *organs, "mean", "checkpoint step", "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if "error" in r:
+            cells = ["failed: " + str(r["error"]).replace("|", "/")[:120]] + [""] * (len(organs) + 1)
+        else:
+            cells = [f"{r['dice'].get(o, float('nan')):.3f}" for o in organs] + [f"{r['mean']:.3f}",
+                                                                                  str(r.get("checkpoint_step"))]
+        t = r.get("train_s")
+        cells.append("n/a" if t is None else f"{t:.0f} s" if t < 100 else f"{t / 60:.1f} min")
+        lines.append("| " + " | ".join([_label(r["setting"], r), r["variant"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """``ablation.md``: what was trained, on what, and the Dice table."""
+    o = report["options"]
+    organs = report.get("organs", ["liver", "kidney", "spleen"])
+    m = report.get("machine", {})
+    lines = [
+        "# UniMOS ablation on phantoms" + (" (--quick)" if report.get("quick") else ""), "",
+        f"Trained on the partial datasets {', '.join(PARTIAL)} only ({o['plentiful']} labeled phantoms "
+        f"per dataset in the plentiful setting, {o['scarce']} in the scarce one; {o['unlabeled']} "
+        f"unlabeled and {o['val']} validation per dataset in both); Dice on {o['held_out']} held-out "
+        f"fully labeled {HELD_OUT} phantoms, segmented on their original grids with the "
+        + ("best checkpoint (chosen on the partial datasets' validation volumes)"
+           if o.get("checkpoint", "best") == "best" else "last checkpoint") + ".", "",
+        f"Every run: `Final.py` {o['steps_per_epoch'] * o['epochs']} labeled steps ({o['epochs']} epochs x "
+        f"{o['steps_per_epoch']}), batch {o['batch']}, width {o['width']}, {o['inplane']}x{o['inplane']} "
+        f"in-plane, {o['blocksize']} crops, seed {o['seed']}; semi runs add 2 x {o['unlabeled_batch']} "
+        f"unlabeled slices per step after {o['semi_warmup']} supervised epochs.", "",
+        format_table(report["runs"], organs),
+        f"Semi-supervision starts at step {o['semi_warmup'] * o['steps_per_epoch']}: a semi run whose scored "
+        "checkpoint is not past that step is a purely supervised model.", "",
+        f"Machine: {m.get('cpu_model', 'n/a')}, {m.get('cores', 'n/a')} cores, GPU "
+        f"{', '.join(m.get('gpus') or []) or 'none'}, torch {m.get('torch', 'n/a')}; load average "
+        f"(1 min) {report.get('load_avg_start')} at start, {report.get('load_avg_end')} at the end; "
+        f"total {report.get('seconds', 0) / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_ablation(o: Options, log=print) -> dict[str, Any]:
+    """Synthesize, resample, train every run, evaluate; write ``ablation.json`` / ``ablation.md``.
+
+    Args:
+        o: the options (see :class:`Options`).
+        log: receives progress lines (training logs included).
+
+    Returns:
+        The report written to ``ablation.json``.
+
+    Raises:
+        InputError: bad options or an output folder that cannot be used.
+    """
+    import torch
+
+    from bench.run import machine_info
+    from utils.fileio import write_json_atomic, write_text_atomic
+
+    check_options(o)
+    out = Path(o.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output folder is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(o.threads)
+    t_all = time.time()
+    report: dict[str, Any] = {
+        "options": {**asdict(o), "steps_per_epoch": o.steps_per_epoch, "semi_warmup": o.semi_warmup},
+        "quick": o.quick, "machine": machine_info(), "load_avg_start": _load1(), "runs": []}
+    raw = prepare_phantoms(o, log)
+    res = resample_partial(o, raw, log)
+    cases = held_out_cases(raw)
+    roots, counts = {}, {}
+    for s in o.settings:
+        roots[s] = out / "train_data" / s
+        counts[s] = make_training_root(res, roots[s], o.scarce if s == "scarce" else o.plentiful)
+    report["data"] = {"counts": counts, "held_out": [c.case_id for c in cases]}
+
+    def save() -> None:
+        report["load_avg_end"] = _load1()
+        report["seconds"] = round(time.time() - t_all, 1)
+        write_json_atomic(out / "ablation.json", report)
+        write_text_atomic(out / "ablation.md", format_markdown(report))
+
+    plan = plan_runs(o)
+    for i, (setting, variant) in enumerate(plan, 1):
+        name = f"{setting}_{variant.replace('+', '_').replace('/', '_')}"
+        run_dir = out / "runs" / name
+        log(f"[{i}/{len(plan)}] {setting} / {variant} (load average {_load1()})")
+        cmd = train_command(o, roots[setting], out / "cache", run_dir, variant)
+        rec: dict[str, Any] = {"setting": setting, "variant": variant,
+                               "labeled_per_dataset": o.scarce if setting == "scarce" else o.plentiful,
+                               "command": cmd[1:], "run_dir": str(run_dir)}
+        tr = train(cmd, run_dir, o.threads, o.reuse, log)
+        summary = tr["summary"] or {}
+        rec.update({"returncode": tr["returncode"], "wall_s": tr["wall_s"], "reused": tr["reused"],
+                    "train_s": summary.get("seconds"), "steps": summary.get("steps"),
+                    "val_score": summary.get("best_score"), "val": summary.get("validation")})
+        if tr["returncode"] != 0:
+            rec["error"] = f"Final.py exit code {tr['returncode']}: " + (tr["tail"].splitlines() or [""])[-1]
+        else:
+            try:
+                rec.update(evaluate(run_dir, cases, o.device, checkpoint=o.checkpoint))
+            except InputError as err:
+                rec["error"] = f"evaluation: {err}"
+        if "error" not in rec:
+            report["organs"] = list(rec["dice"])
+            log("  held-out Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["dice"].items())
+                + f"; mean {rec['mean']:.3f}")
+        else:
+            log("  " + rec["error"])
+        report["runs"].append(rec)
+        save()
+    save()
+    return report
+
+
+def _load1() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Options(out="")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (phantoms, data, runs, tables)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny phantoms (64x64), width 4, 32x32, 6 steps per run (~30 s)")
+    p.add_argument("--steps", type=int, default=None, help=f"labeled steps per run (default {d.steps})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs (validations) per run (default {d.epochs})")
+    p.add_argument("--scarce", type=int, default=None,
+                   help=f"labeled volumes per dataset, scarce setting (default {d.scarce})")
+    p.add_argument("--plentiful", type=int, default=None,
+                   help=f"labeled volumes per dataset, plentiful setting (default {d.plentiful})")
+    p.add_argument("--unlabeled", type=int, default=None,
+                   help=f"unlabeled volumes per dataset ({d.unlabeled})")
+    p.add_argument("--val", type=int, default=None, help=f"validation volumes per dataset ({d.val})")
+    p.add_argument("--held-out", type=int, default=None, help=f"held-out BTCV volumes ({d.held_out})")
+    p.add_argument("--scale", type=float, default=None, help=f"phantom in-plane scale ({d.scale}: 256x256)")
+    p.add_argument("--inplane", type=int, default=None, help=f"resampled in-plane size ({d.inplane})")
+    p.add_argument("--width", type=int, default=None, help=f"MOSNet width ({d.width})")
+    p.add_argument("--blocksize", type=int, default=None, help=f"training crop ({d.blocksize})")
+    p.add_argument("--batch", type=int, default=None, help=f"labeled batch ({d.batch})")
+    p.add_argument("--unlabeled-batch", type=int, default=None, help=f"unlabeled batch ({d.unlabeled_batch})")
+    p.add_argument("--workers", type=int, default=None, help=f"loader workers per run ({d.workers})")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--semi-variants", action="store_true",
+                   help="also --pseudo full and --teacher ema on the scarce setting (+2 semi runs)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
+    p.add_argument("--threads", type=int, default=d.threads, help="threads per process")
+    p.add_argument("--final-args", default="", help="extra Final.py arguments for every run, quoted")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=d.checkpoint,
+                   help="checkpoint scored: best on the partial datasets' validation, or last")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs that finished with the identical command (resume an interrupted ablation)")
+    return p
+
+
+def options_from_args(a: argparse.Namespace) -> Options:
+    """Defaults, then the ``--quick`` preset, then explicit flags."""
+    o = Options(out=a.out, quick=a.quick)
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(o, k, v)
+    for k in ("steps", "epochs", "scarce", "plentiful", "unlabeled", "val", "held_out", "scale", "inplane",
+              "width", "blocksize", "batch", "unlabeled_batch", "workers"):
+        v = getattr(a, k)
+        if v is not None:
+            setattr(o, k, v)
+    o.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+    o.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    o.semi_variants, o.seed, o.device, o.threads = a.semi_variants, a.seed, a.device, a.threads
+    o.final_args, o.reuse, o.checkpoint = a.final_args, a.reuse, a.checkpoint
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    o = options_from_args(a)
+    report = run_ablation(o)
+    report_md = Path(o.out) / "ablation.md"
+    print()
+    print(format_table(report["runs"], report.get("organs", ["liver", "kidney", "spleen"])))
+    print(f"wrote {Path(o.out) / 'ablation.json'} and {report_md}")
+    return 1 if any("error" in r for r in report["runs"]) else 0
+
+
+if __name__ == "__main__":
+    # The phantoms need many small matrix products: OpenBLAS threads only add overhead (see synth.py).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    run_cli(main)

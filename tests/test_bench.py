@@ -1,0 +1,150 @@
+"""Smoke tests of the benchmark entry point and the ablation script (cheap paths only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import ablation
+from bench import run as bench_run
+
+
+def test_quick_loader_writes_json_and_markdown(tmp_path, one_thread):
+    out = tmp_path / "bench"
+    rc = bench_run.main(["--out", str(out), "--quick", "--only", "loader", "--device", "cpu",
+                         "--threads", "1"])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert list(report["results"]) == ["loader"]
+    loader = report["results"]["loader"]
+    assert "error" not in loader
+    assert loader["cache_samples"] == 100 and loader["original_samples"] == 4
+    assert loader["cache_samples_per_s"] > 0 and loader["speedup"] > 0
+    assert loader["section_s"] >= 0 and report["machine"]["cores"] >= 1
+    md = (out / "bench.md").read_text()
+    assert "| loader | cache / per-sample decode |" in md
+    assert f"| cores (usable) | {report['machine']['cores']}" in md
+
+
+def test_unknown_section_is_an_input_error(tmp_path):
+    from utils.errors import InputError
+
+    with pytest.raises(InputError, match="--only"):
+        bench_run.run_all(tmp_path, only=("loader", "gpu-magic"))
+
+
+def test_summary_rows_on_fake_results():
+    results = {
+        "semi": {"batch": 8, "unlabeled_batch": 4, "sup_slices_per_s": 32.0, "semi_slices_per_s": 24.6,
+                 "time_ratio": 2.6, "flop_ratio": 4.31, "section_peak_rss_mb": 512.0},
+        "train": {"error": "RuntimeError: boom"},
+        "inference": {"shape": [200, 256, 256], "axial_s": 40.0, "axial_io_s": 43.5, "axial_peak_rss_mb": 900,
+                      "fused_s": 200.0, "fused_io_s": 203.5, "fused_peak_rss_mb": 700, "fused_scale": 5.0,
+                      "fused_measured_shape": [40, 256, 256], "section_peak_rss_mb": 1000.0,
+                      "cuda_peak_mb": 2048.0},
+    }
+    rows = bench_run.summary_rows(results, gpu=False)
+    by = {(s, m): v for s, m, v in rows}
+    # sections come out in SECTIONS order whatever the dict order
+    assert [s for s, _, _ in rows][0] == "train"
+    assert by[("train", "error")] == "RuntimeError: boom"
+    assert by[("semi", "semi / supervised step time")] == "2.60x"
+    assert by[("semi", "semi / supervised training FLOPs")] == "4.31x"
+    fused = [(m, v) for s, m, v in rows if s == "inference" and m.startswith("3 views fused, s per")]
+    assert fused[0] == ("3 views fused, s per 256x256x200 volume (no I/O; whole slices, measured on "
+                        "256x256x40 x 5)", "200.00")
+    assert by[("inference", "section peak memory")] == "1000 MB RSS, 2048 MB CUDA"
+
+
+def test_summary_rows_gpu_fraction_of_peak():
+    train = {"width": 64, "size": 224, "batch": 32, "amp": "bf16", "channels_last": True,
+             "slices_per_s": 2000.0, "s_per_step": 0.016, "train_flops_per_slice": 30e9,
+             "fwd_flops_per_slice": 10e9,
+             "achieved_tflops": 60.0, "peak_tflops": 989.0, "frac_peak": 60.0 / 989.0}
+    by = {m: v for _, m, v in bench_run.summary_rows({"train": train})}
+    assert by["training FLOPs per slice (fwd + bwd)"] == "30.00 G"
+    assert by["achieved TFLOP/s (fraction of dense bf16 peak)"] == "60.0 (6.1% of 989)"
+    assert not any("fraction" in m for _, m, _ in bench_run.summary_rows({"train": train}, gpu=False))
+
+
+def test_presets_follow_the_brief():
+    cpu, gpu = bench_run.presets(gpu=False), bench_run.presets(gpu=True)
+    assert (cpu["train"]["width"], cpu["train"]["size"], cpu["train"]["batch"]) == (16, 128, 8)
+    assert (gpu["train"]["width"], gpu["train"]["size"], gpu["train"]["amp"]) == (64, 224, "bf16")
+    assert gpu["train"]["channels_last"] and cpu["inference"]["shape"] == (200, 256, 256)
+
+
+def _options(**kw) -> ablation.Options:
+    return ablation.Options(out="/x", **kw)
+
+
+def test_ablation_commands_share_steps_and_seed():
+    o = _options(steps=600, epochs=12)
+    assert (o.steps_per_epoch, o.semi_warmup) == (50, 4)
+    cmds = {v: ablation.train_command(o, Path("/d"), Path("/c"), Path("/o"), v)
+            for v in [*ablation.VARIANTS, *ablation.SEMI_VARIANTS]}
+    for v, cmd in cmds.items():
+        assert cmd[1].endswith("Final.py")
+        i = cmd.index("--steps-per-epoch")
+        assert cmd[i + 1] == "50" and cmd[cmd.index("--epochs") + 1] == "12"
+        assert cmd[cmd.index("--seed") + 1] == "0" and "--channels-last" in cmd
+        assert cmd[cmd.index("--datasets") + 1] == "LiTS,KiTS,MSDSpleen"
+        semi = "--semi" in cmd
+        assert semi == v.startswith("tal+semi")
+        assert ("--semi-warmup" in cmd) == semi and ("--no-semi" in cmd) == (not semi)
+        if semi:
+            assert cmd[cmd.index("--semi-warmup") + 1] == "4"
+    assert cmds["naive"][cmds["naive"].index("--loss") + 1] == "naive"
+    assert cmds["tal+semi/full"][cmds["tal+semi/full"].index("--pseudo") + 1] == "full"
+    assert cmds["tal+semi/ema"][cmds["tal+semi/ema"].index("--teacher") + 1] == "ema"
+
+
+def test_ablation_plan_and_option_checks():
+    from utils.errors import InputError
+
+    assert ablation.plan_runs(_options()) == [("scarce", "naive"), ("scarce", "tal"), ("scarce", "tal+semi"),
+                                              ("plentiful", "naive"), ("plentiful", "tal"),
+                                              ("plentiful", "tal+semi")]
+    plan = ablation.plan_runs(_options(settings=["scarce"], variants=["tal"], semi_variants=True))
+    assert plan == [("scarce", "tal"), ("scarce", "tal+semi/full"), ("scarce", "tal+semi/ema")]
+    for bad in (dict(scarce=3, plentiful=2), dict(variants=["magic"]), dict(inplane=100),
+                dict(unlabeled=0), dict(checkpoint="first")):
+        with pytest.raises(InputError):
+            ablation.check_options(_options(**bad))
+
+
+def test_ablation_table_on_fake_results():
+    runs = [{"setting": "scarce", "variant": "tal", "labeled_per_dataset": 2, "checkpoint_step": 550,
+             "dice": {"liver": 0.91, "kidney": 0.8, "spleen": 0.7049}, "mean": 0.805, "train_s": 150.0},
+            {"setting": "plentiful", "variant": "naive", "labeled_per_dataset": 6, "train_s": None,
+             "error": "Final.py exit code 1: boom | bad"}]
+    table = ablation.format_table(runs, ["liver", "kidney", "spleen"])
+    lines = table.splitlines()
+    assert lines[0] == "| setting | variant | liver | kidney | spleen | mean | checkpoint step | train time |"
+    assert lines[2] == "| scarce (2 labeled/dataset) | tal | 0.910 | 0.800 | 0.705 | 0.805 | 550 | 2.5 min |"
+    assert lines[3].startswith("| plentiful (6 labeled/dataset) | naive | failed: Final.py exit code 1: "
+                               "boom / bad")
+    assert lines[3].count("|") == lines[0].count("|")
+
+
+def test_training_root_keeps_first_labeled_cases(tmp_path):
+    from data.phantom import synthesize
+
+    res = tmp_path / "data"
+    synthesize(res, cases=2, unlabeled=1, val=1, seed=0, datasets=list(ablation.PARTIAL), scale=0.0625)
+    counts = ablation.make_training_root(res, tmp_path / "root", labeled=1)
+    assert counts == {ds: {"labeled": 1, "validation": 1, "unlabeled": 1} for ds in ablation.PARTIAL}
+    lits = tmp_path / "root" / "LiTS"
+    assert [p.name for p in (lits / "labeled").iterdir()] == ["volume-0.nii"]
+    assert all(p.is_symlink() for p in (lits / "label").iterdir())
+    assert sorted(p.name for p in (lits / "label").iterdir()) == ["segmentation-0.nii", "segmentation-2.nii"]
+    # a second call rebuilds the root; a file it did not make stops it
+    assert ablation.make_training_root(res, tmp_path / "root", labeled=2)["KiTS"]["labeled"] == 2
+    (lits / "notes.txt").write_text("mine")
+    from utils.errors import InputError
+
+    with pytest.raises(InputError, match="notes.txt"):
+        ablation.make_training_root(res, tmp_path / "root", labeled=1)
+    assert (lits / "notes.txt").read_text() == "mine"
