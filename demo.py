@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--blocks", default=None, help="residual blocks per level (Final.py --blocks)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--budget", type=float, default=8.0, help="training time budget in minutes")
+    p.add_argument("--unlabeled-batch", type=int, default=4)
     p.add_argument("--semi", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--semi-warmup", type=int, default=8,
+                   help="supervised-only epochs before the semi-supervised module starts")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--extra", default="", help="extra Final.py arguments, quoted")
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                  "-b", str(args.batch), "--epochs", str(args.epochs),
                  "--steps-per-epoch", str(args.steps_per_epoch), "--schedule", "poly",
                  "--time-budget", str(args.budget), "--device", args.device,
-                 "--workers", str(args.workers), "--seed", str(args.seed),
+                 "--workers", str(args.workers), "--seed", str(args.seed), "--channels-last",
+                 "--unlabeled-batchsize", str(args.unlabeled_batch), "--semi-warmup", str(args.semi_warmup),
                  "--semi" if args.semi else "--no-semi"]
     if args.blocks:
         train_cmd += ["--blocks", args.blocks]
