@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=0.0, help="gradient norm clip (0: off)")
     g.add_argument("--loss", default="tal", choices=("tal", "naive"),
                    help="tal: target adaptive loss; naive: unlabeled organs count as background")
+    g.add_argument("--class-weights", type=float, nargs=2, default=None, metavar=("BG", "ORGAN"),
+                   help="CE weights of background and organs (default: the config's, 0.2 1.2)")
     g.add_argument("--dice-weight", type=float, default=0.0, help="weight of soft Dice beside CE")
 
     g = p.add_argument_group("semi-supervised")
@@ -77,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pseudo-labels in the source dataset's merged label space, or every organ")
     g.add_argument("--threshold", default="schedule",
                    help="confidence threshold: a number, or 'schedule' (0.7/0.8/0.9 as the original)")
+    g.add_argument("--unsup-class-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("BG", "ORGAN"),
+                   help="CE weights of the pseudo-label losses. Unlike labels, pseudo-labels feed back: "
+                        "weighting organs up makes predicted organs grow every round (measured on phantoms: "
+                        "liver precision 0.13 after 400 semi steps with 0.2 1.2)")
     g.add_argument("--semi-warmup", type=int, default=0, help="supervised-only epochs first")
 
     g = p.add_argument_group("run")

@@ -126,6 +126,8 @@ def _overrides(config: Config, args: Any) -> Config:
         config = replace(config, inplane_size=(int(args.inplane[0]), int(args.inplane[1])))
     if getattr(args, "hu_window", None):
         config = replace(config, hu_window=(float(args.hu_window[0]), float(args.hu_window[1])))
+    if getattr(args, "class_weights", None):
+        config = replace(config, class_weights=(float(args.class_weights[0]), float(args.class_weights[1])))
     return config
 
 
@@ -311,7 +313,8 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
     if semi:
         from engine.semi import EMATeacher, SemiConfig, ThresholdSchedule
 
-        semi_cfg = SemiConfig(pseudo=args.pseudo, teacher=args.teacher, ema_momentum=args.ema_momentum)
+        semi_cfg = SemiConfig(pseudo=args.pseudo, teacher=args.teacher, ema_momentum=args.ema_momentum,
+                              class_weights=tuple(args.unsup_class_weights))
         try:
             thresholds = ThresholdSchedule.from_arg(args.threshold)
         except ValueError as err:

@@ -9,19 +9,27 @@ from dataclasses import dataclass
 import torch
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. A CUDA device without an index is this process's
-    local rank under torchrun (``LOCAL_RANK``), so ``--device cuda`` puts each rank on its own GPU.
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None -> CUDA when present, else CPU. A CUDA device without an index is this
+    process's local rank under torchrun (``LOCAL_RANK``), so ``--device cuda`` puts each rank on
+    its own GPU.
 
     Raises:
-        ValueError: CUDA asked for but not available.
+        InputError: an unknown device name, or CUDA asked for but not available.
     """
-    if name == "auto":
+    from utils.errors import InputError
+
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(None, f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
+            raise InputError(None, f"--device {name} was asked for but no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return dev

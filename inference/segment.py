@@ -35,6 +35,7 @@ from data.config import Config, config_from_dict
 from data.preprocess import preprocess_image, view_stack, view_to_canonical
 from data.volume import VIEWS, Volume
 from engine.checkpoint import load_checkpoint, resolve_checkpoint
+from engine.runtime import resolve_device
 from inference.postprocess import keep_largest_components
 from utils.errors import InputError
 
@@ -72,22 +73,6 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return len(self.organs) + 1
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when available, else CPU.
-
-    Raises:
-        InputError: CUDA asked for but not available.
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device '{device}' was asked for but CUDA is not available")
-    return dev
 
 
 def load_model(checkpoint_path: str | Path, view: str | None = None,
