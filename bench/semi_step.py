@@ -26,23 +26,17 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.runtime import synchronize  # noqa: E402
 from utils.errors import InputError, run_cli  # noqa: E402
 
 AMP = ("off", "bf16", "fp16")
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device) -> float:
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t
 
 

@@ -21,16 +21,10 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.runtime import synchronize  # noqa: E402
 from utils.errors import InputError, run_cli  # noqa: E402
 
 AMP = ("off", "bf16", "fp16")
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _loadavg() -> float | None:
@@ -118,17 +112,17 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
 
     t0 = time.perf_counter()
     step()
-    _sync(dev)
+    synchronize(dev)
     compile_s = time.perf_counter() - t0 if compile else None
     for _ in range(max(warmup - 1, 0)):
         step()
     times = []
     cpu0 = time.process_time()
     for _ in range(steps):
-        _sync(dev)
+        synchronize(dev)
         t = time.perf_counter()
         step()
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - t)
     # CPU seconds of this process per step: on a shared machine it shows the work done, which wall time
     # (inflated by other processes, and by idle-spinning threads) does not

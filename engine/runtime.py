@@ -35,6 +35,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work (timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     """Map ``--amp`` (none/bf16/fp16/auto) to an autocast dtype, or None for fp32.
 

@@ -93,3 +93,4 @@ def tiny_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[name] = out
     return outs
+

@@ -25,14 +25,7 @@ from engine.semi import (
 from losses.partial import DeepSupervisedLoss
 from models import MOSNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared 2-core machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- threshold
