@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--blocks", default=None, help="residual blocks per level (Final.py --blocks)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--steps-per-epoch", type=int, default=50)
-    p.add_argument("--budget", type=float, default=8.0, help="training time budget in minutes")
+    p.add_argument("--budget", type=float, default=10.0, help="training time budget in minutes")
     p.add_argument("--unlabeled-batch", type=int, default=4)
     p.add_argument("--semi", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--semi-warmup", type=int, default=8,
+    p.add_argument("--semi-warmup", type=int, default=16,
                    help="supervised-only epochs before the semi-supervised module starts")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1)
