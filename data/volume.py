@@ -22,7 +22,7 @@ Axis-order contract (used everywhere in UniMOS)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -198,14 +198,6 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
 
 # ----------------------------------------------------------------------------------------------
 # Reading and writing
-
-
-def is_volume_path(path: Path) -> bool:
-    """True for a file with a volume suffix or a folder that may hold a DICOM series."""
-    name = path.name.lower()
-    if path.is_dir():
-        return any(p.suffix.lower() in ("", ".dcm", ".ima") for p in path.iterdir() if p.is_file())
-    return name.endswith(VOLUME_SUFFIXES) and not name.startswith(".")
 
 
 def strip_volume_suffix(name: str) -> str:
@@ -430,8 +422,3 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Non
             sitk.WriteImage(img, str(tmp), compress)
         except RuntimeError as err:
             raise InputError(path, f"cannot write volume ({str(err).strip().splitlines()[-1]})") from None
-
-
-def with_geometry(volume: Volume, **changes) -> Volume:
-    """Copy of ``volume`` with some geometry fields replaced (shape must stay consistent)."""
-    return Volume(volume.array, replace(volume.geometry, **changes))

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,8 +280,3 @@ def checkpoint_payload(model: nn.Module, model_args: dict, config: Config, args:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
