@@ -11,7 +11,10 @@ mesenteric fat and gas, lung bases, liver (two lobes), gallbladder, stomach with
 spleen, two kidneys with sinus fat, aorta, IVC, psoas and paraspinal muscles, vertebrae with discs.
 Organs are deformed ellipsoids (low-order harmonic radius modulation plus a smooth random bump
 field); positions, sizes and HU values are drawn per case; liver and spleen have similar HU, so a
-model has to learn shape and position.
+model has to learn shape and position. HU values follow the portal venous phase that LiTS, KiTS and
+MSD Spleen were mostly acquired in (enhancing parenchyma ~100-130 HU, kidneys brighter, hypodense
+tumours); a non-contrast liver/spleen would sit within noise of the abdominal wall muscle, which no
+real training set of these organs looks like.
 
 Speed: structures are painted at most ``BASE_SIZE`` voxels across in-plane and only inside their
 bounding boxes; intensities (with noise, so the noise comes out correlated) are upsampled linearly
@@ -74,17 +77,17 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("canal", (15.0, 35.0), 3.0),
     Tissue("aorta", (185.0, 245.0), 4.0),
     Tissue("ivc", (110.0, 160.0), 4.0),
-    Tissue("liver", (56.0, 68.0), 3.0),
-    Tissue("liver_tumour", (22.0, 38.0), 3.0),
+    Tissue("liver", (100.0, 122.0), 4.0),
+    Tissue("liver_tumour", (35.0, 60.0), 4.0),
     Tissue("gallbladder", (2.0, 18.0), 2.0),
     Tissue("stomach", (25.0, 45.0), 6.0),
     Tissue("stomach_gas", (-950.0, -850.0), 10.0),
-    Tissue("pancreas", (40.0, 55.0), 4.0),
-    Tissue("spleen", (46.0, 58.0), 3.0),
+    Tissue("pancreas", (80.0, 105.0), 5.0),
+    Tissue("spleen", (106.0, 128.0), 4.0),
     Tissue("kidney_r", (155.0, 195.0), 6.0),
     Tissue("kidney_l", (155.0, 195.0), 6.0),
-    Tissue("kidney_tumour_r", (22.0, 38.0), 3.0),
-    Tissue("kidney_tumour_l", (22.0, 38.0), 3.0),
+    Tissue("kidney_tumour_r", (60.0, 100.0), 5.0),
+    Tissue("kidney_tumour_l", (60.0, 100.0), 5.0),
 )
 TISSUE_ID: dict[str, int] = {t.name: i for i, t in enumerate(TISSUES)}
 
