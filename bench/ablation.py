@@ -21,11 +21,13 @@ What it does (everything under ``DIR``):
    and same number of labeled steps for all: ``naive`` (``--loss naive --no-semi``), ``tal``
    (``--loss tal --no-semi``), ``tal+semi`` (``--semi --pseudo merged --teacher self`` with a third of
    the epochs supervised first: pseudo-labels of an untrained model are noise). ``--semi-variants``
-   adds ``tal+semi/full`` (``--pseudo full``) and ``tal+semi/ema`` (``--teacher ema``) on the scarce
-   setting. Semi runs see ``2 x --unlabeled-batch`` unlabeled slices per step on top.
+   adds ``tal+semi/full`` (``--pseudo full``), ``tal+semi/ema`` (``--teacher ema``) and
+   ``tal+semi/full+ema`` (both) on the scarce setting. Semi runs see ``2 x --unlabeled-batch``
+   unlabeled slices per step on top.
 5. Segments each held-out BTCV volume on its original grid with the run's best checkpoint
    (``inference.segment.segment_volume``; selected on the partial datasets' validation volumes) and
-   scores Dice per organ (``utils.metrics.dice``) against the BTCV labels mapped by the config.
+   scores Dice per organ (``utils.metrics.dice``) against the BTCV labels mapped by the config; the
+   last checkpoint (same number of labeled steps in every run) is scored too, in its own column.
 
 Writes ``DIR/ablation.json`` (settings, machine, every run's command, times, per-case and mean Dice)
 and ``DIR/ablation.md`` (setting x variant x organ Dice + mean), after every run, and prints the table.
@@ -34,7 +36,7 @@ Training logs go to ``DIR/runs/<setting>_<variant>/train.log``.
 Budget (2 cores, quiet machine, CPU preset): a supervised step takes ~0.25 s, a semi step ~0.65 s,
 so the default 6 runs of 540 labeled steps take ~2 x 540 x (0.25 + 0.25 + (0.25 + 2 x 0.65) / 3)
 ~ 18 min of steps, plus ~3 min of phantoms (~10 s), caching, validation (12 per run) and evaluation
-(~2 s per run): ~21 min. ``--semi-variants`` adds two semi runs, ~10 min. ``--quick`` (tiny phantoms
+(~2 s per run): ~21 min. ``--semi-variants`` adds three semi runs, ~15 min. ``--quick`` (tiny phantoms
 and network, 6 runs of 6 steps) takes ~30 s. Other processes on the machine slow all of it down.
 """
 
@@ -73,6 +75,7 @@ VARIANTS: dict[str, list[str]] = {
 SEMI_VARIANTS: dict[str, list[str]] = {
     "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
     "tal+semi/ema": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "ema"],
+    "tal+semi/full+ema": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "ema"],
 }
 SETTINGS = ("scarce", "plentiful")
 SYNTH_STAMP = ".ablation_synth.json"
@@ -92,7 +95,7 @@ class Options:
         scale: phantom in-plane size factor (0.5: 256x256 originals).
         steps / epochs: labeled steps of every run, split into this many epochs (validation each).
         inplane / width / blocksize / batch / unlabeled_batch / workers: the Final.py preset.
-        settings / variants: what to train; semi_variants adds the two semi variants (scarce only).
+        settings / variants: what to train; semi_variants adds the other three semi variants (scarce only).
         seed, device, threads: seeds of phantoms and training; device; threads per process.
         final_args: extra Final.py arguments for every run.
         reuse: skip a run whose folder holds a finished run of the identical command.
@@ -105,8 +108,8 @@ class Options:
     scarce: int = 2
     plentiful: int = 6
     unlabeled: int = 6
-    val: int = 1
-    held_out: int = 2
+    val: int = 2
+    held_out: int = 4
     scale: float = 0.5
     steps: int = 540
     epochs: int = 12
@@ -456,14 +459,21 @@ def format_table(results: list[dict[str, Any]], organs: list[str]) -> str:
     Returns:
         Markdown text (header + rows).
     """
-    head = ["setting", "variant", *organs, "mean", "checkpoint step", "train time"]
+    others = [r["other"]["checkpoint"] for r in results if "other" in r]
+    head = ["setting", "variant", *organs, "mean", "checkpoint step"]
+    if others:
+        head.append(f"mean, {others[0]} checkpoint (step)")
+    head.append("train time")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
-            cells = ["failed: " + str(r["error"]).replace("|", "/")[:120]] + [""] * (len(organs) + 1)
+            cells = ["failed: " + str(r["error"]).replace("|", "/")[:120]] + [""] * (len(head) - 4)
         else:
             cells = [f"{r['dice'].get(o, float('nan')):.3f}" for o in organs] + [f"{r['mean']:.3f}",
                                                                                   str(r.get("checkpoint_step"))]
+            if others:
+                alt = r.get("other")
+                cells.append(f"{alt['mean']:.3f} ({alt.get('checkpoint_step')})" if alt else "n/a")
         t = r.get("train_s")
         cells.append("n/a" if t is None else f"{t:.0f} s" if t < 100 else f"{t / 60:.1f} min")
         lines.append("| " + " | ".join([_label(r["setting"], r), r["variant"], *cells]) + " |")
@@ -564,6 +574,12 @@ def run_ablation(o: Options, log=print) -> dict[str, Any]:
         else:
             try:
                 rec.update(evaluate(run_dir, cases, o.device, checkpoint=o.checkpoint))
+                # Both checkpoints are scored: "best" is what segment.py uses, "last" is the
+                # comparison at exactly the same number of labeled steps.
+                other = "last" if o.checkpoint == "best" else "best"
+                alt = evaluate(run_dir, cases, o.device, checkpoint=other)
+                rec["other"] = {"checkpoint": other,
+                                **{k: alt[k] for k in ("dice", "mean", "checkpoint_step")}}
             except InputError as err:
                 rec["error"] = f"evaluation: {err}"
         if "error" not in rec:

@@ -108,7 +108,8 @@ def test_ablation_plan_and_option_checks():
                                               ("plentiful", "naive"), ("plentiful", "tal"),
                                               ("plentiful", "tal+semi")]
     plan = ablation.plan_runs(_options(settings=["scarce"], variants=["tal"], semi_variants=True))
-    assert plan == [("scarce", "tal"), ("scarce", "tal+semi/full"), ("scarce", "tal+semi/ema")]
+    assert plan == [("scarce", "tal"), ("scarce", "tal+semi/full"), ("scarce", "tal+semi/ema"),
+                    ("scarce", "tal+semi/full+ema")]
     for bad in (dict(scarce=3, plentiful=2), dict(variants=["magic"]), dict(inplane=100),
                 dict(unlabeled=0), dict(checkpoint="first")):
         with pytest.raises(InputError):
@@ -126,6 +127,12 @@ def test_ablation_table_on_fake_results():
     assert lines[2] == "| scarce (2 labeled/dataset) | tal | 0.910 | 0.800 | 0.705 | 0.805 | 550 | 2.5 min |"
     assert lines[3].startswith("| plentiful (6 labeled/dataset) | naive | failed: Final.py exit code 1: "
                                "boom / bad")
+    assert lines[3].count("|") == lines[0].count("|")
+    # with the other checkpoint scored, one more column
+    runs[0]["other"] = {"checkpoint": "last", "mean": 0.8123, "checkpoint_step": 600, "dice": {}}
+    lines = ablation.format_table(runs, ["liver", "kidney", "spleen"]).splitlines()
+    assert lines[0].endswith("| mean | checkpoint step | mean, last checkpoint (step) | train time |")
+    assert lines[2].endswith("| 0.805 | 550 | 0.812 (600) | 2.5 min |")
     assert lines[3].count("|") == lines[0].count("|")
 
 
