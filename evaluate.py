@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         pred, gt = read_label_volume(pair.pred), read_label_volume(pair.gt)
         metrics = score_volumes(pred, gt, spec, pair.pred, pair.gt)
         per_case.append(metrics)
-        rows.append(case_row(pair.key, pair.pred, pair.gt, metrics, spec.organs))
+        rows.append(case_row(pair.name, pair.pred, pair.gt, metrics, spec.organs))
         if args.png:
             from utils.overlay import save_overlay
 
             gt_arr = config.map_labels(ds, gt.array, pair.gt) if ds else gt.array
-            _save_case_overlay(save_overlay, Path(args.png) / f"{pair.key}.png",
+            _save_case_overlay(save_overlay, Path(args.png) / f"{pair.name}.png",
                                read_volume(images[pair.key]), pred.array, gt_arr, spec, config)
     summary = summarize(per_case, spec.organs)
     json_path = write_report(args.out, rows, summary,

@@ -193,9 +193,16 @@ def list_volume_files(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class CasePair:
+    """A prediction and its ground truth; ``key`` pairs them, ``name`` is what reports show."""
+
     key: str
     pred: Path
     gt: Path
+
+    @property
+    def name(self) -> str:
+        # The pairing key of volume-7 / segmentation-7 is "-7"; a reader looks for "volume-7".
+        return strip_volume_suffix(self.pred.name)
 
 
 def _index(files: Sequence[Path], token: str | None) -> dict[str, Path]:

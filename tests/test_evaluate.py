@@ -128,7 +128,7 @@ def test_cli_gt_dataset_tokens_and_values(tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     rows = list(csv.DictReader(out.open()))
-    assert rows[0]["case"] == "-7" and float(rows[0]["liver_dice"]) == 1.0
+    assert rows[0]["case"] == "volume-7" and float(rows[0]["liver_dice"]) == 1.0
     assert "kidney_dice" not in rows[0]
 
 
