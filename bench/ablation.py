@@ -3,7 +3,7 @@
     python -m bench.ablation --out DIR [--quick] [--steps 540] [--epochs 12] [--scarce 2]
                              [--plentiful 6] [--unlabeled 6] [--semi-variants] [--device auto]
                              [--settings scarce,plentiful] [--variants naive,tal,tal+semi]
-                             [--final-args "..."] [--reuse]
+                             [--train-seeds 0,1,2] [--final-args "..."] [--reuse]
 
 What it does (everything under ``DIR``):
 
@@ -38,6 +38,11 @@ so the default 6 runs of 540 labeled steps take ~2 x 540 x (0.25 + 0.25 + (0.25 
 ~ 18 min of steps, plus ~3 min of phantoms (~10 s), caching, validation (12 per run) and evaluation
 (~2 s per run): ~21 min. ``--semi-variants`` adds three semi runs, ~15 min. ``--quick`` (tiny phantoms
 and network, 6 runs of 6 steps) takes ~30 s. Other processes on the machine slow all of it down.
+
+Short CPU runs are noisy: the same command on 1 or 2 threads can differ by 0.05 mean Dice. A
+difference between two variants means something only across seeds: ``--train-seeds 0,1,2`` repeats
+every run per training seed (same phantoms) and reports mean ± standard deviation; with ``--reuse``
+the runs of seed ``--seed`` already in ``DIR`` are kept.
 """
 
 from __future__ import annotations
@@ -95,8 +100,11 @@ class Options:
         scale: phantom in-plane size factor (0.5: 256x256 originals).
         steps / epochs: labeled steps of every run, split into this many epochs (validation each).
         inplane / width / blocksize / batch / unlabeled_batch / workers: the Final.py preset.
-        settings / variants: what to train; semi_variants adds the other three semi variants (scarce only).
-        seed, device, threads: seeds of phantoms and training; device; threads per process.
+        settings / variants: what to train (any variant name, semi ones included); semi_variants adds
+            the other three semi variants (scarce only).
+        seed, device, threads: seed of the phantoms (and of training); device; threads per process.
+        train_seeds: training seeds, each run repeated once per seed (default: ``seed`` only); the
+            table then gives the mean and standard deviation over seeds.
         final_args: extra Final.py arguments for every run.
         reuse: skip a run whose folder holds a finished run of the identical command.
         checkpoint: ``best`` (chosen on the partial datasets' validation volumes, what segment.py
@@ -123,12 +131,17 @@ class Options:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     semi_variants: bool = False
     seed: int = 0
+    train_seeds: list[int] = field(default_factory=list)
     device: str = "auto"
     threads: int = 2
     final_args: str = ""
     reuse: bool = False
     checkpoint: str = "best"
     quick: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.train_seeds) or [self.seed]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -156,13 +169,16 @@ def check_options(o: Options) -> None:
     if o.inplane % 16 or o.blocksize % 16 or o.blocksize > o.inplane:
         raise InputError(None, f"--inplane {o.inplane} and --blocksize {o.blocksize} must be multiples "
                          "of 16 with blocksize <= inplane")
-    bad = [s for s in o.settings if s not in SETTINGS] + [v for v in o.variants if v not in VARIANTS]
+    known = {**VARIANTS, **SEMI_VARIANTS}
+    bad = [s for s in o.settings if s not in SETTINGS] + [v for v in o.variants if v not in known]
     if bad or not o.settings or not o.variants:
         raise InputError(None, f"unknown or empty settings/variants {bad} (settings {SETTINGS}, "
-                         f"variants {tuple(VARIANTS)})")
+                         f"variants {tuple(known)})")
+    if len(set(o.seeds)) != len(o.seeds):
+        raise InputError(None, f"--train-seeds has duplicates: {o.seeds}")
     if o.checkpoint not in ("best", "last"):
         raise InputError(None, f"--checkpoint must be best or last, got {o.checkpoint!r}")
-    semi = any("--semi" in VARIANTS[v] for v in o.variants) or o.semi_variants
+    semi = any("--semi" in known[v] for v in o.variants) or o.semi_variants
     if semi and o.unlabeled < 1:
         raise InputError(None, "semi-supervised variants need --unlabeled >= 1")
 
@@ -294,12 +310,18 @@ def held_out_cases(raw: Path) -> list[Any]:
 # Runs
 
 
-def plan_runs(o: Options) -> list[tuple[str, str]]:
-    """``(setting, variant)`` pairs in run order."""
-    runs = [(s, v) for s in o.settings for v in o.variants]
+def plan_runs(o: Options) -> list[tuple[str, str, int]]:
+    """``(setting, variant, training seed)`` triples in run order (every seed of a pair together)."""
+    pairs = [(s, v) for s in o.settings for v in o.variants]
     if o.semi_variants and "scarce" in o.settings:
-        runs += [("scarce", v) for v in SEMI_VARIANTS]
-    return runs
+        pairs += [("scarce", v) for v in SEMI_VARIANTS if ("scarce", v) not in pairs]
+    return [(s, v, t) for s, v in pairs for t in o.seeds]
+
+
+def run_name(o: Options, setting: str, variant: str, seed: int) -> str:
+    """Folder name of a run under ``DIR/runs`` (the phantom seed's run keeps the plain name)."""
+    name = f"{setting}_{variant.replace('+', '_').replace('/', '_')}"
+    return name if seed == o.seed else f"{name}_seed{seed}"
 
 
 def variant_args(variant: str) -> list[str]:
@@ -307,7 +329,8 @@ def variant_args(variant: str) -> list[str]:
     return list(VARIANTS.get(variant) or SEMI_VARIANTS[variant])
 
 
-def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: str) -> list[str]:
+def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: str,
+                  seed: int | None = None) -> list[str]:
     """The ``python Final.py ...`` command line of one run.
 
     Args:
@@ -316,13 +339,15 @@ def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: 
         cache: shared slice cache folder.
         out: the run's output folder.
         variant: key of :data:`VARIANTS` or :data:`SEMI_VARIANTS`.
+        seed: training seed (default ``o.seed``).
 
     Returns:
         argv list starting with the Python executable.
     """
     args = variant_args(variant)
     cmd = [sys.executable, str(REPO / "Final.py"), "--data", str(data_root), "--datasets", ",".join(PARTIAL),
-           "--cache", str(cache), "--out", str(out), "--view", VIEW, "--seed", str(o.seed),
+           "--cache", str(cache), "--out", str(out), "--view", VIEW,
+           "--seed", str(o.seed if seed is None else seed),
            "--inplane", str(o.inplane), str(o.inplane), "--width", str(o.width),
            "--blocksize", str(o.blocksize), "-b", str(o.batch),
            "--unlabeled-batchsize", str(o.unlabeled_batch),
@@ -448,11 +473,25 @@ def _label(setting: str, result: dict[str, Any]) -> str:
     return f"{setting} ({n} labeled/dataset)" if n is not None else setting
 
 
+def _stat(values: list[float]) -> str:
+    """``0.812`` for one value, ``0.812 ± 0.031`` (sample sd) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.3f} ± {sd:.3f}"
+
+
 def format_table(results: list[dict[str, Any]], organs: list[str]) -> str:
-    """Markdown table: one row per run (setting, variant), Dice per organ and their mean.
+    """Markdown table: one row per (setting, variant), Dice per organ and their mean.
+
+    Runs of the same setting and variant with several training seeds share a row: Dice as mean ± sample
+    standard deviation over the seeds, checkpoint steps listed, train time summed. A failed run gets
+    its own row.
 
     Args:
         results: run records (``setting``, ``variant``, ``labeled_per_dataset``, ``dice``, ``mean``,
+            ``checkpoint_step``, optional ``other`` (the other checkpoint's score), ``seed``,
             ``train_s``, or ``error``).
         organs: organ column order.
 
@@ -460,23 +499,43 @@ def format_table(results: list[dict[str, Any]], organs: list[str]) -> str:
         Markdown text (header + rows).
     """
     others = [r["other"]["checkpoint"] for r in results if "other" in r]
+    seeded = len({r.get("seed") for r in results}) > 1
     head = ["setting", "variant", *organs, "mean", "checkpoint step"]
     if others:
         head.append(f"mean, {others[0]} checkpoint (step)")
+    if seeded:
+        head.append("seeds")
     head.append("train time")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    rows: list[list[dict[str, Any]]] = []
     for r in results:
         if "error" in r:
-            cells = ["failed: " + str(r["error"]).replace("|", "/")[:120]] + [""] * (len(head) - 4)
+            rows.append([r])
+            continue
+        key = (r["setting"], r["variant"])
+        if key not in groups:
+            groups[key] = []
+            rows.append(groups[key])
+        groups[key].append(r)
+    for group in rows:
+        first = group[0]
+        if "error" in first:
+            cells = ["failed: " + str(first["error"]).replace("|", "/")[:120]] + [""] * (len(head) - 4)
         else:
-            cells = [f"{r['dice'].get(o, float('nan')):.3f}" for o in organs] + [f"{r['mean']:.3f}",
-                                                                                  str(r.get("checkpoint_step"))]
+            cells = [_stat([r["dice"].get(o, float("nan")) for r in group]) for o in organs]
+            cells += [_stat([r["mean"] for r in group]),
+                      ", ".join(str(r.get("checkpoint_step")) for r in group)]
             if others:
-                alt = r.get("other")
-                cells.append(f"{alt['mean']:.3f} ({alt.get('checkpoint_step')})" if alt else "n/a")
-        t = r.get("train_s")
+                alts = [r["other"] for r in group if "other" in r]
+                cells.append(f"{_stat([a['mean'] for a in alts])} "
+                             f"({', '.join(str(a.get('checkpoint_step')) for a in alts)})" if alts else "n/a")
+            if seeded:
+                cells.append(", ".join(str(r.get("seed")) for r in group))
+        times = [r.get("train_s") for r in group]
+        t = None if any(x is None for x in times) else sum(times)
         cells.append("n/a" if t is None else f"{t:.0f} s" if t < 100 else f"{t / 60:.1f} min")
-        lines.append("| " + " | ".join([_label(r["setting"], r), r["variant"], *cells]) + " |")
+        lines.append("| " + " | ".join([_label(first["setting"], first), first["variant"], *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -556,12 +615,11 @@ def run_ablation(o: Options, log=print) -> dict[str, Any]:
         write_text_atomic(out / "ablation.md", format_markdown(report))
 
     plan = plan_runs(o)
-    for i, (setting, variant) in enumerate(plan, 1):
-        name = f"{setting}_{variant.replace('+', '_').replace('/', '_')}"
-        run_dir = out / "runs" / name
-        log(f"[{i}/{len(plan)}] {setting} / {variant} (load average {_load1()})")
-        cmd = train_command(o, roots[setting], out / "cache", run_dir, variant)
-        rec: dict[str, Any] = {"setting": setting, "variant": variant,
+    for i, (setting, variant, seed) in enumerate(plan, 1):
+        run_dir = out / "runs" / run_name(o, setting, variant, seed)
+        log(f"[{i}/{len(plan)}] {setting} / {variant} / seed {seed} (load average {_load1()})")
+        cmd = train_command(o, roots[setting], out / "cache", run_dir, variant, seed)
+        rec: dict[str, Any] = {"setting": setting, "variant": variant, "seed": seed,
                                "labeled_per_dataset": o.scarce if setting == "scarce" else o.plentiful,
                                "command": cmd[1:], "run_dir": str(run_dir)}
         tr = train(cmd, run_dir, o.threads, o.reuse, log)
@@ -630,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--semi-variants", action="store_true",
                    help="also --pseudo full and --teacher ema on the scarce setting (+2 semi runs)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the phantoms and of training")
+    p.add_argument("--train-seeds", default="",
+                   help="comma-separated training seeds: every run repeated per seed, table of mean +- sd")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
     p.add_argument("--threads", type=int, default=d.threads, help="threads per process")
     p.add_argument("--final-args", default="", help="extra Final.py arguments for every run, quoted")
@@ -655,6 +715,11 @@ def options_from_args(a: argparse.Namespace) -> Options:
     o.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
     o.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     o.semi_variants, o.seed, o.device, o.threads = a.semi_variants, a.seed, a.device, a.threads
+    try:
+        o.train_seeds = [int(t) for t in a.train_seeds.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(None, "--train-seeds must be comma-separated integers, "
+                         f"got {a.train_seeds!r}") from None
     o.final_args, o.reuse, o.checkpoint = a.final_args, a.reuse, a.checkpoint
     return o
 

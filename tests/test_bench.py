@@ -104,14 +104,23 @@ def test_ablation_commands_share_steps_and_seed():
 def test_ablation_plan_and_option_checks():
     from utils.errors import InputError
 
-    assert ablation.plan_runs(_options()) == [("scarce", "naive"), ("scarce", "tal"), ("scarce", "tal+semi"),
-                                              ("plentiful", "naive"), ("plentiful", "tal"),
-                                              ("plentiful", "tal+semi")]
+    assert ablation.plan_runs(_options()) == [("scarce", "naive", 0), ("scarce", "tal", 0),
+                                              ("scarce", "tal+semi", 0), ("plentiful", "naive", 0),
+                                              ("plentiful", "tal", 0), ("plentiful", "tal+semi", 0)]
     plan = ablation.plan_runs(_options(settings=["scarce"], variants=["tal"], semi_variants=True))
-    assert plan == [("scarce", "tal"), ("scarce", "tal+semi/full"), ("scarce", "tal+semi/ema"),
-                    ("scarce", "tal+semi/full+ema")]
+    assert plan == [("scarce", "tal", 0), ("scarce", "tal+semi/full", 0), ("scarce", "tal+semi/ema", 0),
+                    ("scarce", "tal+semi/full+ema", 0)]
+    # semi variants by name, each repeated per training seed; the phantom seed's run keeps the plain name
+    o = _options(settings=["scarce"], variants=["tal", "tal+semi/ema"], train_seeds=[0, 3])
+    ablation.check_options(o)
+    assert ablation.plan_runs(o) == [("scarce", "tal", 0), ("scarce", "tal", 3),
+                                     ("scarce", "tal+semi/ema", 0), ("scarce", "tal+semi/ema", 3)]
+    assert ablation.run_name(o, "scarce", "tal+semi/ema", 0) == "scarce_tal_semi_ema"
+    assert ablation.run_name(o, "scarce", "tal+semi/ema", 3) == "scarce_tal_semi_ema_seed3"
+    cmd = ablation.train_command(o, Path("d"), Path("c"), Path("r"), "tal", seed=3)
+    assert cmd[cmd.index("--seed") + 1] == "3" and cmd.count("--seed") == 1
     for bad in (dict(scarce=3, plentiful=2), dict(variants=["magic"]), dict(inplane=100),
-                dict(unlabeled=0), dict(checkpoint="first")):
+                dict(unlabeled=0), dict(checkpoint="first"), dict(train_seeds=[1, 1])):
         with pytest.raises(InputError):
             ablation.check_options(_options(**bad))
 
@@ -134,6 +143,22 @@ def test_ablation_table_on_fake_results():
     assert lines[0].endswith("| mean | checkpoint step | mean, last checkpoint (step) | train time |")
     assert lines[2].endswith("| 0.805 | 550 | 0.812 (600) | 2.5 min |")
     assert lines[3].count("|") == lines[0].count("|")
+
+
+def test_ablation_table_groups_seeds():
+    def run(seed, mean, last):
+        return {"setting": "scarce", "variant": "tal", "labeled_per_dataset": 2, "seed": seed,
+                "checkpoint_step": 100 * seed, "dice": {"liver": mean, "kidney": mean, "spleen": mean},
+                "mean": mean, "other": {"checkpoint": "last", "mean": last, "checkpoint_step": 540},
+                "train_s": 60.0}
+
+    lines = ablation.format_table([run(1, 0.8, 0.7), run(2, 0.9, 0.7)], ["liver", "kidney", "spleen"])
+    lines = lines.splitlines()
+    assert lines[0].endswith("| mean, last checkpoint (step) | seeds | train time |")
+    # mean 0.85, sample sd sqrt(0.005) = 0.0707; train time summed
+    assert lines[2] == ("| scarce (2 labeled/dataset) | tal | 0.850 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 "
+                        "| 0.850 ± 0.071 | 100, 200 | 0.700 ± 0.000 (540, 540) | 1, 2 | 2.0 min |")
+    assert len(lines) == 3
 
 
 def test_training_root_keeps_first_labeled_cases(tmp_path):
