@@ -120,6 +120,19 @@ def collate_unlabeled(samples: Sequence[dict[str, Any]]) -> UnlabeledBatch:
 # Dataset
 
 
+def slab_indices(centres: np.ndarray, n: int, slices: int) -> np.ndarray:
+    """Slice indices of the 2.5D inputs centred on ``centres`` in a stack of ``n`` slices.
+
+    The one definition shared by training, validation and inference: ``slices`` adjacent slices with
+    the centre slice in the middle (channel ``slices // 2``), indices clamped to the stack's ends.
+
+    Returns:
+        ``(len(centres), slices)`` int64 array.
+    """
+    offsets = np.arange(slices) - slices // 2
+    return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets[None, :], 0, n - 1)
+
+
 def _owned(array: np.ndarray) -> np.ndarray:
     # A sample must never be a view into a memory map (it would pin the map and pickle lazily).
     out = np.ascontiguousarray(array)
@@ -223,7 +236,7 @@ class SliceDataset(torch.utils.data.Dataset):
         if first >= 0 and first + self.slices <= n:
             patch = img_src[first:first + self.slices, ys, xs]  # plain slicing: a cheap memmap read
         else:
-            patch = img_src[np.clip(np.arange(first, first + self.slices), 0, n - 1), ys, xs]
+            patch = img_src[slab_indices(np.array([centre]), n, self.slices)[0], ys, xs]
         if h < b or w < b:
             image = np.full((self.slices, b, b), PAD_IMAGE, dtype=np.float32)
             image[:, py:py + patch.shape[1], px:px + patch.shape[2]] = patch

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from data.config import Config
+from data.sampling import PAD_IMAGE, slab_indices
 from engine.runtime import DistInfo, autocast, unwrap
 from utils.fileio import write_text_atomic
 
@@ -56,7 +57,7 @@ def _pad16(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     h, w = x.shape[-2:]
     ph, pw = (-h) % 16, (-w) % 16
     if ph or pw:
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=-1.0)
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=PAD_IMAGE)
     return x, (h, w)
 
 
@@ -72,12 +73,11 @@ def predict_view_stack(model: nn.Module, stack: np.ndarray, slices: int, device:
     from losses.partial import merge_log_probs
 
     n = stack.shape[0]
-    offsets = np.arange(slices) - slices // 2
     out = np.zeros(stack.shape, dtype=np.uint8)
     mask_t = None if labeled_mask is None else torch.as_tensor(labeled_mask, device=device)[None]
     for start in range(0, n, batch):
         centres = np.arange(start, min(start + batch, n))
-        idx = np.clip(centres[:, None] + offsets[None, :], 0, n - 1)
+        idx = slab_indices(centres, n, slices)
         x = torch.from_numpy(np.ascontiguousarray(stack[idx], dtype=np.float32)).to(device)
         x, (h, w) = _pad16(x)
         with autocast(device, amp_dtype):

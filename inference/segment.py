@@ -33,6 +33,7 @@ from torch import nn
 
 from data.config import Config, config_from_dict
 from data.preprocess import preprocess_image, view_stack, view_to_canonical
+from data.sampling import slab_indices
 from data.volume import VIEWS, Volume
 from engine.checkpoint import load_checkpoint, resolve_checkpoint
 from engine.runtime import resolve_device
@@ -268,10 +269,9 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
         for w0 in plan.starts[1]:
             norm[h0:h0 + th, w0:w0 + tw] += weight
     flips = TTA_FLIPS if tta else ((),)
-    offsets = np.arange(loaded.slices) - loaded.slices // 2  # as in training: centre slice in the middle
     for start in range(0, n, batch):
         centres = np.arange(start, min(start + batch, n))
-        idx = np.clip(centres[:, None] + offsets[None, :], 0, n - 1)
+        idx = slab_indices(centres, n, loaded.slices)
         x = torch.from_numpy(np.ascontiguousarray(stack[idx], dtype=np.float32)).to(device)
         if (ph, pw) != (h, w):
             x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h), value=PAD_VALUE)

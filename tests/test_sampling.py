@@ -199,3 +199,12 @@ def test_intensity_jitter_is_a_per_sample_affine_map(volumes):
         scales.append(s)
     assert len(scales) >= 8
     assert np.std(scales) > 0.01  # drawn per sample, not once
+
+
+def test_slab_indices_centre_in_the_middle_and_clamped():
+    from data.sampling import slab_indices
+
+    idx = slab_indices(np.array([0, 1, 4]), n=5, slices=3)
+    assert idx.tolist() == [[0, 0, 1], [0, 1, 2], [3, 4, 4]]
+    assert slab_indices(np.array([2]), n=5, slices=5).tolist() == [[0, 1, 2, 3, 4]]
+    assert slab_indices(np.array([0]), n=1, slices=3).tolist() == [[0, 0, 0]]
