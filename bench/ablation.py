@@ -19,11 +19,11 @@ What it does (everything under ``DIR``):
    on. One slice cache (``DIR/cache``) serves every run (its key is the resolved file).
 4. Trains every variant of every setting with ``python Final.py ...`` (what a user runs), same seed
    and same number of labeled steps for all: ``naive`` (``--loss naive --no-semi``), ``tal``
-   (``--loss tal --no-semi``), ``tal+semi`` (``--semi --pseudo merged --teacher self`` with a third of
-   the epochs supervised first: pseudo-labels of an untrained model are noise). ``--semi-variants``
-   adds ``tal+semi/full`` (``--pseudo full``), ``tal+semi/ema`` (``--teacher ema``) and
-   ``tal+semi/full+ema`` (both) on the scarce setting. Semi runs see ``2 x --unlabeled-batch``
-   unlabeled slices per step on top.
+   (``--loss tal --no-semi``), ``tal+semi`` (``--semi --pseudo merged --teacher ema``, Final.py's
+   defaults, with a third of the epochs supervised first: pseudo-labels of an untrained model are
+   noise). ``--semi-variants`` adds ``tal+semi/full`` (``--pseudo full``), ``tal+semi/self``
+   (``--teacher self``, UniMatch as the original) and ``tal+semi/full+self`` (both) on the scarce
+   setting. Semi runs see ``2 x --unlabeled-batch`` unlabeled slices per step on top.
 5. Segments each held-out BTCV volume on its original grid with the run's best checkpoint
    (``inference.segment.segment_volume``; selected on the partial datasets' validation volumes) and
    scores Dice per organ (``utils.metrics.dice``) against the BTCV labels mapped by the config; the
@@ -75,12 +75,12 @@ VIEW = "axial"
 VARIANTS: dict[str, list[str]] = {
     "naive": ["--loss", "naive", "--no-semi"],
     "tal": ["--loss", "tal", "--no-semi"],
-    "tal+semi": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "self"],
+    "tal+semi": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "ema"],
 }
 SEMI_VARIANTS: dict[str, list[str]] = {
-    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
-    "tal+semi/ema": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "ema"],
-    "tal+semi/full+ema": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "ema"],
+    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "ema"],
+    "tal+semi/self": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "self"],
+    "tal+semi/full+self": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
 }
 SETTINGS = ("scarce", "plentiful")
 SYNTH_STAMP = ".ablation_synth.json"

@@ -98,7 +98,8 @@ def test_ablation_commands_share_steps_and_seed():
             assert cmd[cmd.index("--semi-warmup") + 1] == "4"
     assert cmds["naive"][cmds["naive"].index("--loss") + 1] == "naive"
     assert cmds["tal+semi/full"][cmds["tal+semi/full"].index("--pseudo") + 1] == "full"
-    assert cmds["tal+semi/ema"][cmds["tal+semi/ema"].index("--teacher") + 1] == "ema"
+    assert cmds["tal+semi"][cmds["tal+semi"].index("--teacher") + 1] == "ema"
+    assert cmds["tal+semi/self"][cmds["tal+semi/self"].index("--teacher") + 1] == "self"
 
 
 def test_ablation_plan_and_option_checks():
@@ -108,15 +109,15 @@ def test_ablation_plan_and_option_checks():
                                               ("scarce", "tal+semi", 0), ("plentiful", "naive", 0),
                                               ("plentiful", "tal", 0), ("plentiful", "tal+semi", 0)]
     plan = ablation.plan_runs(_options(settings=["scarce"], variants=["tal"], semi_variants=True))
-    assert plan == [("scarce", "tal", 0), ("scarce", "tal+semi/full", 0), ("scarce", "tal+semi/ema", 0),
-                    ("scarce", "tal+semi/full+ema", 0)]
+    assert plan == [("scarce", "tal", 0), ("scarce", "tal+semi/full", 0), ("scarce", "tal+semi/self", 0),
+                    ("scarce", "tal+semi/full+self", 0)]
     # semi variants by name, each repeated per training seed; the phantom seed's run keeps the plain name
-    o = _options(settings=["scarce"], variants=["tal", "tal+semi/ema"], train_seeds=[0, 3])
+    o = _options(settings=["scarce"], variants=["tal", "tal+semi/self"], train_seeds=[0, 3])
     ablation.check_options(o)
     assert ablation.plan_runs(o) == [("scarce", "tal", 0), ("scarce", "tal", 3),
-                                     ("scarce", "tal+semi/ema", 0), ("scarce", "tal+semi/ema", 3)]
-    assert ablation.run_name(o, "scarce", "tal+semi/ema", 0) == "scarce_tal_semi_ema"
-    assert ablation.run_name(o, "scarce", "tal+semi/ema", 3) == "scarce_tal_semi_ema_seed3"
+                                     ("scarce", "tal+semi/self", 0), ("scarce", "tal+semi/self", 3)]
+    assert ablation.run_name(o, "scarce", "tal+semi/self", 0) == "scarce_tal_semi_self"
+    assert ablation.run_name(o, "scarce", "tal+semi/self", 3) == "scarce_tal_semi_self_seed3"
     cmd = ablation.train_command(o, Path("d"), Path("c"), Path("r"), "tal", seed=3)
     assert cmd[cmd.index("--seed") + 1] == "3" and cmd.count("--seed") == 1
     for bad in (dict(scarce=3, plentiful=2), dict(variants=["magic"]), dict(inplane=100),
