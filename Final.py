@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CE weights of the pseudo-label losses. Unlike labels, pseudo-labels feed back: "
                         "weighting organs up makes predicted organs grow every round (measured on phantoms: "
                         "liver precision 0.13 after 400 semi steps with 0.2 1.2)")
+    g.add_argument("--semi-weights", type=float, nargs=4, default=(1.0, 0.5, 0.25, 0.25),
+                   metavar=("X", "FP", "S1", "S2"),
+                   help="weights of the labeled, feature-perturbed and two strong-view losses")
+    g.add_argument("--semi-divisor", type=float, default=2.0,
+                   help="the weighted sum is divided by this (the original's / 2)")
     g.add_argument("--semi-warmup", type=int, default=0, help="supervised-only epochs first")
 
     g = p.add_argument_group("run")

@@ -313,9 +313,11 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
     if semi:
         from engine.semi import EMATeacher, SemiConfig, ThresholdSchedule
 
-        semi_cfg = SemiConfig(pseudo=args.pseudo, teacher=args.teacher, ema_momentum=args.ema_momentum,
-                              class_weights=tuple(args.unsup_class_weights))
+        w_x, w_fp, w_s1, w_s2 = args.semi_weights
         try:
+            semi_cfg = SemiConfig(pseudo=args.pseudo, teacher=args.teacher, ema_momentum=args.ema_momentum,
+                                  class_weights=tuple(args.unsup_class_weights), w_x=w_x, w_fp=w_fp,
+                                  w_s1=w_s1, w_s2=w_s2, divisor=args.semi_divisor)
             thresholds = ThresholdSchedule.from_arg(args.threshold)
         except ValueError as err:
             raise InputError(None, str(err)) from None

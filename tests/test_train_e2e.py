@@ -55,3 +55,16 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     assert summary["stop"] == "done" and summary["steps"] == summary["total_steps"] == 4
     assert summary["semi"] is (kind == "semi") and summary["world"] == 1
     assert summary["validation"]["score"] == pytest.approx(scores[-1], abs=1e-6)
+
+
+def test_semi_loss_weights_are_flags_and_checked(tiny_data, tmp_path):
+    from engine.loop import fit
+    from tests.conftest import train_args
+    from utils.errors import InputError
+
+    args = train_args(tiny_data, tmp_path / "out", "--semi")
+    assert tuple(args.semi_weights) == (1.0, 0.5, 0.25, 0.25) and args.semi_divisor == 2.0
+    bad = train_args(tiny_data, tmp_path / "out", "--semi", "--semi-weights", "1", "-0.5", "0.25", "0.25")
+    with pytest.raises(InputError, match="weights must be finite and >= 0"):
+        fit(bad)
+    assert not any((tmp_path / "out").glob("*.pth.tar"))
