@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--semi-divisor", type=float, default=2.0,
                    help="the weighted sum is divided by this (the original's / 2)")
     g.add_argument("--semi-warmup", type=int, default=0, help="supervised-only epochs first")
+    g.add_argument("--semi-rampup", type=int, default=0,
+                   help="epochs over which the unsupervised loss weights ramp up from ~0 (0: full at once)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="./runs/unimos", help="checkpoint and log folder")

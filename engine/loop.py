@@ -451,14 +451,15 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                 g["lr"] = args.lr * factor_at(step)
             batch = next(lab_iter).to(device, non_blocking=pin)
             if semi and step >= semi_from:
-                from engine.semi import semi_step
+                from engine.semi import rampup, semi_step
 
                 unl = next(unl_iter).to(device, non_blocking=pin)
                 unl_a, unl_b = unl.split(ub)
                 gen = torch.Generator(device=device).manual_seed(rng_seed(args.seed + 1, step, dist.rank))
                 losses = semi_step(train_model, teacher, batch, unl_a, unl_b, loss_fn,
                                    thresholds.value(step / total_steps), semi_cfg, gen,
-                                   amp_dtype=amp_dtype)
+                                   amp_dtype=amp_dtype,
+                                   unsup_scale=rampup(step - semi_from, args.semi_rampup * spe))
                 slices_seen += batch.image.shape[0] + unl.image.shape[0]
             else:
                 losses = supervised_step(train_model, batch, loss_fn, amp_dtype)

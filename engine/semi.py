@@ -348,7 +348,8 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
 
 def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatch, unl_a: UnlabeledBatch,
               unl_b: UnlabeledBatch, sup_loss: nn.Module, threshold: float, cfg: SemiConfig | None,
-              generator: torch.Generator, amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+              generator: torch.Generator, amp_dtype: torch.dtype | None = None,
+              unsup_scale: float = 1.0) -> dict[str, Tensor]:
     """One UniMatch step: losses only (the caller does backward, the optimizer step and ``teacher.update``).
 
     Args:
@@ -363,6 +364,7 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
         cfg: step settings (defaults when None).
         generator: randomness of the strong augmentation and CutMix (ideally on the training device).
         amp_dtype: autocast dtype of the forward passes, or None for fp32 (losses are float32).
+        unsup_scale: multiplies the three unsupervised weights (the ramp-up of :func:`rampup`).
 
     Returns:
         ``{"loss"}`` (attached to the graph) and detached ``"loss_x", "loss_fp", "loss_s1", "loss_s2",
@@ -440,7 +442,8 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     loss_fp = unsup(out.fp_logits[nl:], pseudo_a, conf_a)
     loss_s1 = unsup(logits_s1, pseudo_s1, conf_s1)
     loss_s2 = unsup(logits_s2, pseudo_s2, conf_s2)
-    loss = (cfg.w_x * loss_x + cfg.w_fp * loss_fp + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2) / cfg.divisor
+    unsup = cfg.w_fp * loss_fp + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2
+    loss = (cfg.w_x * loss_x + float(unsup_scale) * unsup) / cfg.divisor
     return {
         "loss": loss,
         "loss_x": loss_x.detach(),
@@ -450,6 +453,20 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
         "mask_ratio": confidence_mask(conf_a, threshold).mean(),
         "conf_mean": conf_a.mean(),
     }
+
+
+def rampup(step: int, length: int) -> float:
+    """Weight of the unsupervised losses ``step`` steps into the semi-supervised phase.
+
+    The sigmoid-shaped ``exp(-5 (1 - t)^2)`` of the mean teacher (Laine & Aila 2017; Tarvainen & Valpola
+    2017), ``t = step / length``, and 1 from ``length`` on (``length <= 0``: always 1). Switching the
+    consistency losses on at full weight jolts an adaptive optimizer whose statistics were built on the
+    supervised gradients alone.
+    """
+    if length <= 0 or step >= length:
+        return 1.0
+    t = max(0.0, float(step)) / float(length)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------

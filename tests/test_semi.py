@@ -264,6 +264,24 @@ def test_semi_step_finite_backward(teacher_kind, pseudo):
         assert all(p.grad is None for p in teacher.module.parameters())
 
 
+def test_rampup_hand_values_and_scaled_unsupervised_weights():
+    from engine.semi import rampup
+
+    assert rampup(0, 10) == pytest.approx(math.exp(-5.0))
+    assert rampup(5, 10) == pytest.approx(math.exp(-1.25))  # t = 0.5: exp(-5 * 0.25)
+    assert rampup(10, 10) == 1.0 and rampup(99, 10) == 1.0 and rampup(3, 0) == 1.0
+    assert all(rampup(k, 10) < rampup(k + 1, 10) for k in range(10))
+
+    torch.manual_seed(0)
+    model = MOSNet(3, C, 8)
+    lab, ua, ub = batches(1)
+    cfg = SemiConfig(cutmix_p=1.0, w_x=2.0, divisor=4.0)
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, cfg,
+                    torch.Generator().manual_seed(2), unsup_scale=0.3)
+    unsup = 0.5 * out["loss_fp"] + 0.25 * out["loss_s1"] + 0.25 * out["loss_s2"]
+    assert out["loss"].item() == pytest.approx(((2.0 * out["loss_x"] + 0.3 * unsup) / 4.0).item(), rel=1e-5)
+
+
 def test_feature_perturbation_target_not_corrupted_by_cutmix():
     # REFERENCE defect 3: pasting CutMix boxes into the shared weak pseudo-label tensor changed L_fp's target.
     # Without dropout the perturbed branch equals the clean one, so L_fp must equal the loss of the clean
