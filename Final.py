@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="base channel width (paper: 64)")
     g.add_argument("--blocks", default=None, help="residual blocks per encoder level, e.g. 1,1,1,1,1")
+    g.add_argument("--norm", default="batch", choices=("batch", "instance"),
+                   help="normalisation layers: batch (PIPO-FAN) or instance (per image, as nnU-Net; "
+                        "no running statistics to fit every dataset at once)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=2500)

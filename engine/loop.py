@@ -298,6 +298,8 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                                   "width": args.width}
     if args.blocks:
         model_args["blocks"] = [int(b) for b in args.blocks.split(",")]
+    if args.norm != "batch":  # absent = batch, so checkpoints from before the option still resume
+        model_args["norm"] = args.norm
     model = build_model(model_args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ __all__ = ["MODEL_DEFAULTS", "MOSNet", "MOSOutput", "build_model"]
 
 # Paper-like default (GPU, 224x224 crops): PIPO-FAN widths 64..512 and one residual block per level.
 MODEL_DEFAULTS: dict[str, Any] = {"in_channels": 3, "num_classes": 4, "width": 64, "blocks": [1, 1, 1, 1]}
-_KEYS = {"in_channels", "num_classes", "width", "blocks", "fp_dropout"}
+_KEYS = {"in_channels", "num_classes", "width", "blocks", "fp_dropout", "norm"}
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:
@@ -20,7 +20,8 @@ def build_model(model_args: dict[str, Any]) -> nn.Module:
 
     Args:
         model_args: ``{"in_channels", "num_classes", "width"}`` and optionally ``"blocks"`` (int or 4
-            ints) and ``"fp_dropout"``; missing keys take ``MODEL_DEFAULTS``.
+            ints), ``"fp_dropout"`` and ``"norm"`` (``batch`` when absent: checkpoints written before
+            the option keep their meaning); missing keys take ``MODEL_DEFAULTS``.
 
     Returns:
         A freshly initialised MOSNet.
@@ -35,4 +36,5 @@ def build_model(model_args: dict[str, Any]) -> nn.Module:
     blocks = args["blocks"]
     return MOSNet(in_channels=int(args["in_channels"]), num_classes=int(args["num_classes"]),
                   width=int(args["width"]), fp_dropout=float(args.get("fp_dropout", 0.5)),
-                  blocks=blocks if isinstance(blocks, int) else tuple(blocks))
+                  blocks=blocks if isinstance(blocks, int) else tuple(blocks),
+                  norm=str(args.get("norm", "batch")))

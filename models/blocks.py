@@ -6,9 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NORMS = ("batch", "instance")
+
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """The normalisation layer of the network: ``batch`` (PIPO-FAN) or ``instance`` (as nnU-Net).
+
+    Instance normalisation uses each image's own statistics, in training and at inference alike, so
+    there are no running statistics that must fit scans of every dataset at once.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
 
 def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
-    # No bias: every 3x3 conv here is followed by a BatchNorm (pre-activation of the next conv).
+    # No bias: every 3x3 conv here is followed by a normalisation (pre-activation of the next conv).
     return nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
 
 
@@ -21,13 +39,14 @@ class PreActBlock(nn.Module):
     Args:
         in_ch: input channels.
         out_ch: output channels.
+        norm: see :func:`norm2d`.
     """
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "batch") -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.bn1 = norm2d(norm, in_ch)
         self.conv1 = conv3x3(in_ch, out_ch)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = norm2d(norm, out_ch)
         self.conv2 = conv3x3(out_ch, out_ch)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
@@ -37,9 +56,9 @@ class PreActBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(a))
 
 
-def res_chain(channels: list[int]) -> nn.Sequential:
+def res_chain(channels: list[int], norm: str = "batch") -> nn.Sequential:
     """Residual blocks mapping ``channels[0] -> channels[1] -> ... -> channels[-1]`` (may be empty)."""
-    return nn.Sequential(*(PreActBlock(a, b) for a, b in zip(channels[:-1], channels[1:])))
+    return nn.Sequential(*(PreActBlock(a, b, norm) for a, b in zip(channels[:-1], channels[1:])))
 
 
 class Stem(nn.Module):
@@ -48,10 +67,10 @@ class Stem(nn.Module):
     Its output is not activated: the residual blocks that follow start with BN-ReLU.
     """
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = conv3x3(in_ch, out_ch)
-        self.bn = nn.BatchNorm2d(out_ch)
+        self.bn = norm2d(norm, out_ch)
         self.conv2 = conv3x3(out_ch, out_ch)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,9 +86,9 @@ class Head(nn.Module):
     exactly those of an unperturbed forward pass (and BN running statistics are not polluted).
     """
 
-    def __init__(self, in_ch: int, num_classes: int) -> None:
+    def __init__(self, in_ch: int, num_classes: int, norm: str = "batch") -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_ch)
+        self.bn = norm2d(norm, in_ch)
         self.conv = nn.Conv2d(in_ch, num_classes, 1)
 
     def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:

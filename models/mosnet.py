@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blocks import FusionScorer, Head, Stem, res_chain
+from models.blocks import NORMS, FusionScorer, Head, Stem, res_chain
 
 NUM_LEVELS = 5  # full size + four 2x downsamplings: inputs must be divisible by 16
 DIVISOR = 2 ** (NUM_LEVELS - 1)
@@ -83,19 +83,23 @@ class MOSNet(nn.Module):
             decoder level ``l - 1`` get ``blocks[l - 1]`` blocks; the pyramid branches and the scale
             branches follow, so equal convolutional depth holds for any setting. ``1`` reproduces
             PIPO-FAN's depth.
+        norm: ``batch`` (PIPO-FAN) or ``instance`` normalisation (see :func:`models.blocks.norm2d`).
 
     Raises:
-        ValueError: invalid sizes.
+        ValueError: invalid sizes or norm.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 4, width: int = 64,
-                 fp_dropout: float = 0.5, blocks: int | Sequence[int] = 1) -> None:
+                 fp_dropout: float = 0.5, blocks: int | Sequence[int] = 1, norm: str = "batch") -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 2 or width < 1:
             raise ValueError(f"need in_channels >= 1, num_classes >= 2, width >= 1; got {in_channels}, "
                              f"{num_classes}, {width}")
         if not 0.0 <= fp_dropout < 1.0:
             raise ValueError(f"fp_dropout must be in [0, 1), got {fp_dropout}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.width = width
@@ -105,7 +109,7 @@ class MOSNet(nn.Module):
         # decoder output channels per level (PIPO-FAN: 64, 64, 128, 256 and the 512 bottleneck)
         dc = [c[0], c[0], c[1], c[2], c[4]]
 
-        self.stem = Stem(in_channels, c[0])
+        self.stem = Stem(in_channels, c[0], norm)
         # pyramid level l: stages 1..l-1 of the encoder's channel/depth progression, ending at c[l-1]
         self.pyramid = nn.ModuleList()
         self.encoder = nn.ModuleList()
@@ -113,19 +117,19 @@ class MOSNet(nn.Module):
             chans = [c[0]]
             for k in range(1, lvl):
                 chans += [c[k]] * nb[k - 1]
-            self.pyramid.append(res_chain(chans))
-            self.encoder.append(res_chain(_stage(2 * c[lvl - 1], c[lvl], nb[lvl - 1])))
+            self.pyramid.append(res_chain(chans, norm))
+            self.encoder.append(res_chain(_stage(2 * c[lvl - 1], c[lvl], nb[lvl - 1]), norm))
         # decoder level l (0..3) merges e_l with the upsampled d_{l+1}
         self.decoder = nn.ModuleList(
-            res_chain(_stage(c[lvl] + dc[lvl + 1], dc[lvl], nb[lvl])) for lvl in range(NUM_LEVELS - 1))
+            res_chain(_stage(c[lvl] + dc[lvl + 1], dc[lvl], nb[lvl]), norm) for lvl in range(NUM_LEVELS - 1))
         # scale branch l repeats the decoder's remaining stages l-1..0 (without the skips)
         self.branches = nn.ModuleList()
         for lvl in range(NUM_LEVELS):
             chans = [dc[lvl]]
             for k in range(lvl - 1, -1, -1):
                 chans += [dc[k]] * nb[k]
-            self.branches.append(res_chain(chans))
-        self.heads = nn.ModuleList(Head(c[0], num_classes) for _ in range(NUM_LEVELS))
+            self.branches.append(res_chain(chans, norm))
+        self.heads = nn.ModuleList(Head(c[0], num_classes, norm) for _ in range(NUM_LEVELS))
         self.scorer = FusionScorer(num_classes)
         self.fp_drop = nn.Dropout2d(fp_dropout)
         self._init_weights()

@@ -133,6 +133,25 @@ def test_build_model_defaults_and_state_roundtrip():
     torch.testing.assert_close(a(x).logits, b(x).logits)
 
 
+def test_instance_norm_option():
+    # Instance norm keeps no running statistics: train- and eval-mode outputs agree, and an image's
+    # prediction does not depend on the rest of the batch. Batch norm is the default, also for
+    # model_args without the key (checkpoints written before the option).
+    net = build_model({"in_channels": 3, "num_classes": 4, "width": 4, "norm": "instance"})
+    assert net.norm == "instance" and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert not list(net.buffers())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        train_out = net.train()(x).logits
+        eval_out = net.eval()(x).logits
+        alone = net(x[:1]).logits
+    torch.testing.assert_close(train_out, eval_out)
+    torch.testing.assert_close(alone, eval_out[:1], rtol=1e-4, atol=1e-5)
+    assert build_model({"in_channels": 3, "num_classes": 4, "width": 4}).norm == "batch"
+    with pytest.raises(ValueError, match="norm"):
+        MOSNet(3, 4, 4, norm="layer")
+
+
 def test_channels_last_matches_contiguous():
     model = _model(CONFIGS[0][0]).eval()
     x = torch.randn(2, 3, 32, 48)

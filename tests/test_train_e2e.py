@@ -34,7 +34,7 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     last = load_checkpoint(out / "resu_last_axial.pth.tar", expect=expect)
     best = load_checkpoint(out / "resu_best_axial.pth.tar", expect=expect)
     assert last["step"] == 4 and last["epoch"] == 2
-    assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4}
+    assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4}  # no "norm": batch
     assert {"optimizer", "loop", "best_score", "config", "args"} <= set(last)
     assert last["loop"]["pending_end"] is False and last["loop"]["meter"] == {"sums": {}, "count": 0}
     assert ("ema" in last) == (kind == "semi")
@@ -68,3 +68,16 @@ def test_semi_loss_weights_are_flags_and_checked(tiny_data, tmp_path):
     with pytest.raises(InputError, match="weights must be finite and >= 0"):
         fit(bad)
     assert not any((tmp_path / "out").glob("*.pth.tar"))
+
+
+def test_instance_norm_run_checkpoint_and_inference(tiny_data, tmp_path):
+    from engine.loop import fit
+    from inference.segment import load_model
+    from tests.conftest import train_args
+
+    out = tmp_path / "out"
+    fit(train_args(tiny_data, out, "--no-semi", "--norm", "instance"))
+    ckpt = load_checkpoint(out / "resu_last_axial.pth.tar")
+    assert ckpt["model_args"]["norm"] == "instance"
+    loaded = load_model(out / "resu_best_axial.pth.tar", view="axial")
+    assert loaded.model.norm == "instance"
