@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="base channel width (paper: 64)")
     g.add_argument("--blocks", default=None, help="residual blocks per encoder level, e.g. 1,1,1,1,1")
-    g.add_argument("--norm", default="batch", choices=("batch", "instance"),
-                   help="normalisation layers: batch (PIPO-FAN) or instance (per image, as nnU-Net; "
-                        "no running statistics to fit every dataset at once)")
+    # literals, not models.DEFAULT_NORM / NORMS: importing models loads torch, and --help should not
+    # (tests check they agree)
+    g.add_argument("--norm", default="instance", choices=("batch", "instance"),
+                   help="normalisation layers: instance (per image, as nnU-Net: no running statistics "
+                        "that must fit the scans of every dataset at once; the semi-supervised module "
+                        "needs it, see README) or batch (PIPO-FAN's)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=2500)
@@ -102,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     g.add_argument("--amp", nargs="?", const="auto", default="none",
                    help="mixed precision: none, bf16, fp16, auto (bare --amp = auto)")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on CUDA only; on CPU it makes instance "
+                        "norm 1.6x slower)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     g.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--steps-per-epoch", type=int, default=50)
-    p.add_argument("--budget", type=float, default=10.0, help="training time budget in minutes")
+    p.add_argument("--budget", type=float, default=11.0, help="training time budget in minutes")
     p.add_argument("--unlabeled-batch", type=int, default=4)
     p.add_argument("--semi", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--semi-warmup", type=int, default=16,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                  "-b", str(args.batch), "--epochs", str(args.epochs),
                  "--steps-per-epoch", str(args.steps_per_epoch), "--schedule", "poly",
                  "--time-budget", str(args.budget), "--device", args.device,
-                 "--workers", str(args.workers), "--seed", str(args.seed), "--channels-last",
+                 "--workers", str(args.workers), "--seed", str(args.seed),
                  "--unlabeled-batchsize", str(args.unlabeled_batch), "--semi-warmup", str(args.semi_warmup),
                  "--semi" if args.semi else "--no-semi"]
     if args.blocks:

@@ -351,7 +351,7 @@ def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: 
            "--inplane", str(o.inplane), str(o.inplane), "--width", str(o.width),
            "--blocksize", str(o.blocksize), "-b", str(o.batch),
            "--unlabeled-batchsize", str(o.unlabeled_batch),
-           "--channels-last", "--schedule", "poly", "--workers", str(o.workers), "--device", o.device,
+           "--schedule", "poly", "--workers", str(o.workers), "--device", o.device,
            "--epochs", str(o.epochs), "--steps-per-epoch", str(o.steps_per_epoch), *args]
     if "--semi" in args:
         cmd += ["--semi-warmup", str(o.semi_warmup)]
@@ -417,19 +417,21 @@ def train(cmd: list[str], out: Path, threads: int, reuse: bool, log=print) -> di
 
 
 def evaluate(run_dir: Path, cases: list[Any], device: str, batch: int = 16,
-             checkpoint: str = "best") -> dict[str, Any]:
-    """Dice per organ of one of the run's checkpoints on the held-out cases (original grids).
+             checkpoints: tuple[str, ...] = ("best",)) -> dict[str, dict[str, Any]]:
+    """Dice per organ of the run's checkpoints on the held-out cases (original grids).
+
+    Every held-out volume is read once and segmented by each checkpoint in turn.
 
     Args:
         run_dir: Final.py ``--out`` folder (``resu_{checkpoint}_axial.pth.tar``).
         cases: held-out :class:`data.layout.Case` list (image + label of a fully labeled dataset).
         device: inference device.
         batch: slices per forward pass.
-        checkpoint: ``best`` or ``last``.
+        checkpoints: any of ``best`` and ``last``.
 
     Returns:
-        ``{"dice": {organ: mean}, "mean": mean over organs, "per_case": {case_id: {organ: dice}},
-        "checkpoint_step", "seconds"}``.
+        Per checkpoint name: ``{"dice": {organ: mean}, "mean": mean over organs,
+        "per_case": {case_id: {organ: dice}}, "checkpoint_step", "seconds" (segmentation time)}``.
 
     Raises:
         InputError: missing/unfit checkpoint, unreadable volumes, grid mismatch.
@@ -442,26 +444,35 @@ def evaluate(run_dir: Path, cases: list[Any], device: str, batch: int = 16,
     from inference.segment import load_model, resolve_device, segment_volume
     from utils.metrics import dice
 
-    t0 = time.time()
     dev = resolve_device(device)
-    path = run_dir / (best_name(VIEW) if checkpoint == "best" else last_name(VIEW))
-    model = load_model(path, view=VIEW, device=dev)
-    step = load_checkpoint(path).get("step")  # a best checkpoint from the warm-up is worth knowing
+    models, steps = {}, {}
+    for name in checkpoints:
+        path = run_dir / (best_name(VIEW) if name == "best" else last_name(VIEW))
+        models[name] = load_model(path, view=VIEW, device=dev)
+        steps[name] = load_checkpoint(path).get("step")  # a best checkpoint from the warm-up is worth knowing
     config = load_config()  # the BTCV label values come from the config of this repository
     spec = config.dataset(HELD_OUT)
-    organs = list(model.organs)
-    per_case: dict[str, dict[str, float]] = {}
+    per_case: dict[str, dict[str, dict[str, float]]] = {name: {} for name in checkpoints}
+    seconds = dict.fromkeys(checkpoints, 0.0)
     for case in cases:
         image, gt = read_volume(case.image), read_volume(case.label)
         if not image.geometry.same_grid(gt.geometry):
             raise InputError(case.label, f"grid differs from its image {case.image}")
-        pred = segment_volume(model, image, batch=batch, device=dev).array
         gt_classes = config.map_labels(spec, gt.array, case.label)
-        per_case[case.case_id] = {o: dice(pred == model.config.organ_index(o),
-                                          gt_classes == config.organ_index(o)) for o in organs}
-    means = {o: float(np.mean([d[o] for d in per_case.values()])) for o in organs}
-    return {"dice": means, "mean": float(np.mean(list(means.values()))), "per_case": per_case,
-            "checkpoint_step": step, "seconds": round(time.time() - t0, 1)}
+        for name, model in models.items():
+            t = time.time()
+            pred = segment_volume(model, image, batch=batch, device=dev).array
+            per_case[name][case.case_id] = {
+                o: dice(pred == model.config.organ_index(o), gt_classes == config.organ_index(o))
+                for o in model.organs}
+            seconds[name] += time.time() - t
+    results = {}
+    for name, model in models.items():
+        means = {o: float(np.mean([d[o] for d in per_case[name].values()])) for o in model.organs}
+        results[name] = {"dice": means, "mean": float(np.mean(list(means.values()))),
+                         "per_case": per_case[name], "checkpoint_step": steps[name],
+                         "seconds": round(seconds[name], 1)}
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,13 +642,13 @@ def run_ablation(o: Options, log=print) -> dict[str, Any]:
             rec["error"] = f"Final.py exit code {tr['returncode']}: " + (tr["tail"].splitlines() or [""])[-1]
         else:
             try:
-                rec.update(evaluate(run_dir, cases, o.device, checkpoint=o.checkpoint))
                 # Both checkpoints are scored: "best" is what segment.py uses, "last" is the
                 # comparison at exactly the same number of labeled steps.
                 other = "last" if o.checkpoint == "best" else "best"
-                alt = evaluate(run_dir, cases, o.device, checkpoint=other)
+                scores = evaluate(run_dir, cases, o.device, checkpoints=(o.checkpoint, other))
+                rec.update(scores[o.checkpoint])
                 rec["other"] = {"checkpoint": other,
-                                **{k: alt[k] for k in ("dice", "mean", "checkpoint_step")}}
+                                **{k: scores[other][k] for k in ("dice", "mean", "checkpoint_step")}}
             except InputError as err:
                 rec["error"] = f"evaluation: {err}"
         if "error" not in rec:

@@ -89,7 +89,7 @@ def _phantom(shape: tuple[int, int, int], seed: int):
 def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, int] = (200, 256, 256),
         configs: tuple[str, ...] = ("axial", "fused"), block: int = 224, tile: int | None = None,
         batch: int = 16, slices: int = 3, io: bool = True, threads: int | None = None,
-        amp: bool | None = None, seed: int = 0) -> dict[str, Any]:
+        amp: bool | None = None, seed: int = 0, norm: str | None = None) -> dict[str, Any]:
     """Time inference of one synthetic volume per configuration, with and without NIfTI I/O.
 
     Args:
@@ -103,6 +103,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
         threads: ``torch.set_num_threads`` (CPU); None leaves it.
         amp: bf16 autocast on CUDA (default on there).
         seed: weights and phantom seed.
+        norm: ``batch`` or ``instance`` (None: Final.py's default).
 
     Returns:
         dict with the settings and, per configuration, ``{config}_s`` (no I/O), ``{config}_cpu_s``
@@ -122,7 +123,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     from data.config import load_config
     from data.volume import Geometry, Volume, read_volume, write_volume
     from inference.segment import LoadedModel, resolve_device, segment_volume
-    from models import build_model
+    from models import DEFAULT_NORM, build_model
 
     bad = [c for c in configs if c not in ("axial", "fused")]
     if bad:
@@ -134,7 +135,8 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
         width = 64 if dev.type == "cuda" else 16
     config = load_config()
     torch.manual_seed(seed)
-    model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width}
+    norm = norm or DEFAULT_NORM
+    model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width, "norm": norm}
 
     def make(view: str) -> LoadedModel:
         model = build_model(model_args).eval().to(dev)
@@ -155,8 +157,8 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     segment_volume([models[v] for v in VIEWS3], small, **kwargs)
     sync()
 
-    result: dict[str, Any] = {"width": width, "shape": list(shape), "block": block, "tile": tile,
-                              "batch": batch, "slices": slices, "amp": amp}
+    result: dict[str, Any] = {"width": width, "norm": norm, "shape": list(shape), "block": block,
+                              "tile": tile, "batch": batch, "slices": slices, "amp": amp}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         if io:
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--no-io", action="store_true")
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--norm", choices=("batch", "instance"), default=None, help="default: Final.py's")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     try:
@@ -207,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(None, f"--shape must be three positive integers, got {a.shape!r}")
     r = run(width=a.width, device=a.device, shape=shape, configs=tuple(a.configs.split(",")),  # type: ignore[arg-type]
             block=a.block, tile=a.tile, batch=a.batch, slices=a.slices, io=not a.no_io,
-            threads=a.threads, amp=False if a.no_amp else None)
-    print(f"{r['device']}: width {r['width']}, volume {tuple(r['shape'])}, block {r['block']}, "
+            threads=a.threads, amp=False if a.no_amp else None, norm=a.norm)
+    print(f"{r['device']}: width {r['width']} ({r['norm']} norm), volume {tuple(r['shape'])}, "
+          f"block {r['block']}, "
           f"tile {r['tile']}, batch {r['batch']}")
     for name in a.configs.split(","):
         line = (f"  {name:6s} {r[f'{name}_s']:7.2f} s/volume (CPU time {r[f'{name}_cpu_s']:.1f} s, "

@@ -371,7 +371,8 @@ def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) ->
                 (name, f"cache build, s ({r.get('volumes')} volumes, once)", _f(r.get("cache_build_s"))),
             ]
         elif name == "train":
-            setting = (f"width {r.get('width')}, {r.get('size')}x{r.get('size')}, batch {r.get('batch')}, "
+            setting = (f"width {r.get('width')}, {r.get('norm')} norm, {r.get('size')}x{r.get('size')}, "
+                       f"batch {r.get('batch')}, "
                        f"{'fp32' if r.get('amp') == 'off' else r.get('amp')}"
                        f"{', channels_last' if r.get('channels_last') else ''}")
             rows += [

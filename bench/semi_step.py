@@ -53,9 +53,9 @@ def _interleaved_times(fns, device, steps: int, warmup: int) -> list[list[float]
 
 
 def run(device: str = "auto", width: int | None = None, size: int | None = None, batch: int | None = None,
-        unlabeled_batch: int | None = None, slices: int = 3, num_classes: int = 4, teacher: str = "self",
+        unlabeled_batch: int | None = None, slices: int = 3, num_classes: int = 4, teacher: str = "ema",
         pseudo: str = "merged", amp: str | None = None, steps: int = 10, warmup: int = 3,
-        threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+        threads: int | None = None, seed: int = 0, norm: str | None = None) -> dict[str, Any]:
     """Time the supervised and the semi-supervised training step on the same model and inputs.
 
     Args:
@@ -68,6 +68,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         steps, warmup: timed and untimed steps of each kind.
         threads: ``torch.set_num_threads`` (CPU); None leaves it.
         seed: RNG seed for weights and inputs.
+        norm: ``batch`` or ``instance`` (None: Final.py's default).
 
     Returns:
         dict with ``sup_s_per_step``, ``semi_s_per_step``, ``time_ratio``, ``sup_slices_per_s``,
@@ -86,7 +87,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     from engine.semi import EMATeacher, SemiConfig, semi_step
     from engine.train import supervised_step
     from losses.partial import DeepSupervisedLoss
-    from models import build_model
+    from models import DEFAULT_NORM, build_model
 
     try:
         dev = resolve_device(device)
@@ -107,7 +108,9 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     torch.manual_seed(seed)
-    model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width}).to(dev)
+    norm = norm or DEFAULT_NORM
+    model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
+                         "norm": norm}).to(dev)
     model.train()
     loss_fn = DeepSupervisedLoss(class_weights=(0.2, 1.2))
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-5, momentum=0.9)
@@ -181,7 +184,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     name = torch.cuda.get_device_name(dev) if gpu else f"cpu ({torch.get_num_threads()} threads)"
     return {
         "device": name, "width": width, "size": size, "batch": batch, "unlabeled_batch": ub,
-        "slices": slices, "amp": amp, "teacher": teacher, "pseudo": pseudo,
+        "slices": slices, "norm": norm, "amp": amp, "teacher": teacher, "pseudo": pseudo,
         "sup_s_per_step": sup_t, "sup_s_per_step_min": sup_min,
         "semi_s_per_step": semi_t, "semi_s_per_step_min": semi_min,
         "time_ratio": semi_t / sup_t,
@@ -201,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unlabeled-batch", type=int, default=None)
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--classes", type=int, default=4)
-    ap.add_argument("--teacher", choices=("self", "ema"), default="self")
+    ap.add_argument("--teacher", choices=("self", "ema"), default="ema")
     ap.add_argument("--pseudo", choices=("merged", "full"), default="merged")
+    ap.add_argument("--norm", choices=("batch", "instance"), default=None, help="default: Final.py's")
     ap.add_argument("--amp", choices=AMP, default=None)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -210,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     r = run(device=a.device, width=a.width, size=a.size, batch=a.batch, unlabeled_batch=a.unlabeled_batch,
             slices=a.slices, num_classes=a.classes, teacher=a.teacher, pseudo=a.pseudo, amp=a.amp,
-            steps=a.steps, warmup=a.warmup, threads=a.threads)
+            steps=a.steps, warmup=a.warmup, threads=a.threads, norm=a.norm)
     u = r["unlabeled_batch"]
     print(f"{r['device']}: width {r['width']} {r['size']}x{r['size']} batch {r['batch']}+{u}+{u} "
-          f"slices {r['slices']} amp {r['amp']} teacher {r['teacher']} "
+          f"slices {r['slices']} {r['norm']} norm amp {r['amp']} teacher {r['teacher']} "
           f"pseudo {r['pseudo']}")
     print(f"  supervised: {r['sup_s_per_step']:.3f} s/step, {r['sup_slices_per_s']:.1f} slices/s")
     print(f"  semi:       {r['semi_s_per_step']:.3f} s/step, {r['semi_slices_per_s']:.1f} slices/s "

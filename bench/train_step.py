@@ -39,7 +39,7 @@ def _loadavg() -> float | None:
 def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_classes: int = 4,
         device: str = "cpu", amp: str = "off", channels_last: bool = False, compile: bool = False,
         steps: int = 10, warmup: int = 3, threads: int | None = None, blocks: int | list[int] = 1,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, norm: str | None = None) -> dict[str, Any]:
     """Time ``steps`` supervised training steps after ``warmup`` untimed ones.
 
     Args:
@@ -53,6 +53,7 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
         steps, warmup: timed and untimed steps.
         threads: ``torch.set_num_threads`` (CPU), None leaves it.
         seed: RNG seed for weights and inputs.
+        norm: ``batch`` or ``instance`` (None: Final.py's default).
 
     Returns:
         dict with ``slices_per_s``, ``s_per_step`` (median), ``s_per_step_min``, ``cpu_s_per_step``
@@ -66,7 +67,7 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     import torch
 
     from losses.partial import DeepSupervisedLoss
-    from models import build_model
+    from models import DEFAULT_NORM, build_model
     from utils.flops import count_flops, peak_tflops
 
     if amp not in AMP:
@@ -79,8 +80,9 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    norm = norm or DEFAULT_NORM
     model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
-                         "blocks": blocks}).to(dev)
+                         "blocks": blocks, "norm": norm}).to(dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     # counted on the eager model (before compiling), on a batch of 1 and of ``batch``
@@ -136,7 +138,7 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     return {
         "device": name,
         "width": width, "blocks": blocks, "size": size, "batch": batch, "slices": slices,
-        "amp": amp, "channels_last": channels_last, "compile": compile,
+        "norm": norm, "amp": amp, "channels_last": channels_last, "compile": compile,
         "s_per_step": med, "s_per_step_min": times[0], "slices_per_s": batch / med,
         "cpu_s_per_step": cpu_s, "load_avg_1min": _loadavg(),
         "fwd_flops_per_slice": int(fwd_flops), "train_flops_per_slice": int(train_flops),
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=AMP, default="off")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--norm", choices=("batch", "instance"), default=None, help="default: Final.py's")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -165,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     blocks = a.blocks[0] if len(a.blocks) == 1 else a.blocks
     r = run(width=a.width, size=a.size, batch=a.batch, slices=a.slices, num_classes=a.classes,
             device=a.device, amp=a.amp, channels_last=a.channels_last, compile=a.compile, steps=a.steps,
-            warmup=a.warmup, threads=a.threads, blocks=blocks)
+            warmup=a.warmup, threads=a.threads, blocks=blocks, norm=a.norm)
     frac = (f", {100 * r['frac_peak']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s bf16 peak"
             if r["frac_peak"] else "")
-    print(f"{r['device']}: width {r['width']} blocks {r['blocks']} {r['size']}x{r['size']} "
+    print(f"{r['device']}: width {r['width']} blocks {r['blocks']} {r['norm']} norm {r['size']}x{r['size']} "
           f"batch {r['batch']} slices {r['slices']} amp {r['amp']} channels_last {r['channels_last']} "
           f"compile {r['compile']}")
     load = f", load average {r['load_avg_1min']:.2f}" if r["load_avg_1min"] is not None else ""

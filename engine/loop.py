@@ -217,9 +217,12 @@ def _restore(path: Path, args: Any, config: Config, model_args: dict, model: tor
     """
     ckpt = load_checkpoint(path, expect={"organs": list(config.organs), "view": args.view,
                                          "slices": args.slices, "width": args.width})
-    if ckpt.get("model_args") != model_args:
-        raise InputError(path, f"checkpoint model {ckpt.get('model_args')} differs from the requested "
-                         f"{model_args}")
+    # Checkpoints written before the norm option have no "norm" key and hold batch-norm networks.
+    stored = {"norm": "batch", **(ckpt.get("model_args") or {})}
+    if stored != model_args:
+        only_norm = {**stored, "norm": args.norm} == model_args
+        hint = f" (resume with --norm {stored['norm']})" if only_norm else ""
+        raise InputError(path, f"checkpoint model {stored} differs from the requested {model_args}{hint}")
     missing = [k for k in ("model", "optimizer", "step", "best_score") if k not in ckpt]
     if missing:
         raise InputError(path, f"checkpoint has no {', '.join(missing)}; cannot resume training from it")
@@ -298,10 +301,9 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                                   "width": args.width}
     if args.blocks:
         model_args["blocks"] = [int(b) for b in args.blocks.split(",")]
-    if args.norm != "batch":  # absent = batch, so checkpoints from before the option still resume
-        model_args["norm"] = args.norm
+    model_args["norm"] = args.norm
     model = build_model(model_args).to(device)
-    if args.channels_last:
+    if args.channels_last or (args.channels_last is None and device.type == "cuda"):
         model = model.to(memory_format=torch.channels_last)
     loss_fn = DeepSupervisedLoss(class_weights=config.class_weights, mode=args.loss,
                                  dice_weight=args.dice_weight).to(device)

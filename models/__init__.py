@@ -8,11 +8,14 @@ from torch import nn
 
 from models.mosnet import MOSNet, MOSOutput
 
-__all__ = ["MODEL_DEFAULTS", "MOSNet", "MOSOutput", "build_model"]
+__all__ = ["DEFAULT_NORM", "MODEL_DEFAULTS", "MOSNet", "MOSOutput", "build_model"]
 
 # Paper-like default (GPU, 224x224 crops): PIPO-FAN widths 64..512 and one residual block per level.
 MODEL_DEFAULTS: dict[str, Any] = {"in_channels": 3, "num_classes": 4, "width": 64, "blocks": [1, 1, 1, 1]}
 _KEYS = {"in_channels", "num_classes", "width", "blocks", "fp_dropout", "norm"}
+# What Final.py trains. model_args without "norm" still mean batch norm (build_model): checkpoints
+# written before the option hold batch-norm networks.
+DEFAULT_NORM = "instance"
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:

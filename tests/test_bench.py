@@ -89,7 +89,8 @@ def test_ablation_commands_share_steps_and_seed():
         assert cmd[1].endswith("Final.py")
         i = cmd.index("--steps-per-epoch")
         assert cmd[i + 1] == "50" and cmd[cmd.index("--epochs") + 1] == "12"
-        assert cmd[cmd.index("--seed") + 1] == "0" and "--channels-last" in cmd
+        assert cmd[cmd.index("--seed") + 1] == "0"
+        assert "--channels-last" not in cmd  # Final.py's default: on CUDA only
         assert cmd[cmd.index("--datasets") + 1] == "LiTS,KiTS,MSDSpleen"
         semi = "--semi" in cmd
         assert semi == v.startswith("tal+semi")
@@ -181,3 +182,22 @@ def test_training_root_keeps_first_labeled_cases(tmp_path):
     with pytest.raises(InputError, match="notes.txt"):
         ablation.make_training_root(res, tmp_path / "root", labeled=1)
     assert (lits / "notes.txt").read_text() == "mine"
+
+
+def test_quick_ablation_end_to_end(tmp_path):
+    """--quick: phantoms, resample, Final.py runs and held-out scoring of both checkpoints, tables."""
+    out = tmp_path / "abl"
+    rc = ablation.main(["--out", str(out), "--quick", "--settings", "scarce", "--variants", "tal",
+                        "--device", "cpu", "--threads", "1"])
+    assert rc == 0
+    report = json.loads((out / "ablation.json").read_text())
+    (run,) = report["runs"]
+    assert "error" not in run, run.get("error")
+    assert set(run["dice"]) == {"liver", "kidney", "spleen"}
+    assert all(0.0 <= d <= 1.0 for d in run["dice"].values())
+    assert run["mean"] == pytest.approx(sum(run["dice"].values()) / 3)
+    # the last checkpoint is the final step; the best one is no later
+    assert run["other"]["checkpoint"] == "last" and run["other"]["checkpoint_step"] == run["steps"]
+    assert run["checkpoint_step"] <= run["steps"]
+    assert len(run["per_case"]) == report["options"]["held_out"]
+    assert "| scarce (1 labeled/dataset) | tal |" in (out / "ablation.md").read_text()

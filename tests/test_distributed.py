@@ -158,7 +158,9 @@ def test_torchrun_final_py_equals_single_process(tiny_data, tmp_path):
     text = (REPO / "configs" / "default.yaml").read_text()
     config.write_text("\n".join("class_weights: [1.0, 1.0]" if ln.startswith("class_weights:") else ln
                                 for ln in text.splitlines()) + "\n")
-    common = ["--no-semi", "--config", str(config), "--epochs", "1", "--steps-per-epoch", "1"]
+    # batch norm: what --sync-bn is about
+    common = ["--no-semi", "--norm", "batch", "--config", str(config), "--epochs", "1",
+              "--steps-per-epoch", "1"]
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            "Final.py", *train_argv(tiny_data, ddp_out, *common, "-b", "2", "--sync-bn")]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import MODEL_DEFAULTS, MOSNet, MOSOutput, build_model
+from models import DEFAULT_NORM, MODEL_DEFAULTS, MOSNet, MOSOutput, build_model
+from models.blocks import NORMS
 from utils.flops import count_flops, peak_tflops
 
 torch.set_num_threads(1)
@@ -135,8 +136,8 @@ def test_build_model_defaults_and_state_roundtrip():
 
 def test_instance_norm_option():
     # Instance norm keeps no running statistics: train- and eval-mode outputs agree, and an image's
-    # prediction does not depend on the rest of the batch. Batch norm is the default, also for
-    # model_args without the key (checkpoints written before the option).
+    # prediction does not depend on the rest of the batch. model_args without the key mean batch
+    # norm (checkpoints written before the option).
     net = build_model({"in_channels": 3, "num_classes": 4, "width": 4, "norm": "instance"})
     assert net.norm == "instance" and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert not list(net.buffers())
@@ -150,6 +151,13 @@ def test_instance_norm_option():
     assert build_model({"in_channels": 3, "num_classes": 4, "width": 4}).norm == "batch"
     with pytest.raises(ValueError, match="norm"):
         MOSNet(3, 4, 4, norm="layer")
+
+
+def test_final_py_norm_choices_are_the_models():
+    from Final import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "norm"]
+    assert action.default == DEFAULT_NORM == "instance" and tuple(action.choices) == NORMS
 
 
 def test_channels_last_matches_contiguous():

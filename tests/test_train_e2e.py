@@ -34,7 +34,7 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     last = load_checkpoint(out / "resu_last_axial.pth.tar", expect=expect)
     best = load_checkpoint(out / "resu_best_axial.pth.tar", expect=expect)
     assert last["step"] == 4 and last["epoch"] == 2
-    assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4}  # no "norm": batch
+    assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4, "norm": "instance"}
     assert {"optimizer", "loop", "best_score", "config", "args"} <= set(last)
     assert last["loop"]["pending_end"] is False and last["loop"]["meter"] == {"sums": {}, "count": 0}
     assert ("ema" in last) == (kind == "semi")
@@ -70,14 +70,25 @@ def test_semi_loss_weights_are_flags_and_checked(tiny_data, tmp_path):
     assert not any((tmp_path / "out").glob("*.pth.tar"))
 
 
-def test_instance_norm_run_checkpoint_and_inference(tiny_data, tmp_path):
+def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, tmp_path):
+    """--norm batch trains PIPO-FAN's network; a checkpoint written before the option (no "norm" in
+    its model_args) holds one, resumes with --norm batch and is refused, with the hint, without it."""
+    from engine.checkpoint import save_checkpoint
     from engine.loop import fit
     from inference.segment import load_model
     from tests.conftest import train_args
+    from utils.errors import InputError
 
     out = tmp_path / "out"
-    fit(train_args(tiny_data, out, "--no-semi", "--norm", "instance"))
-    ckpt = load_checkpoint(out / "resu_last_axial.pth.tar")
-    assert ckpt["model_args"]["norm"] == "instance"
-    loaded = load_model(out / "resu_best_axial.pth.tar", view="axial")
-    assert loaded.model.norm == "instance"
+    fit(train_args(tiny_data, out, "--no-semi", "--norm", "batch", "--epochs", "1"))
+    path = out / "resu_last_axial.pth.tar"
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_args"]["norm"] == "batch"
+    assert load_model(path, view="axial").model.norm == "batch"
+    del ckpt["model_args"]["norm"]
+    save_checkpoint(ckpt, path)
+    assert load_model(path, view="axial").model.norm == "batch"
+    with pytest.raises(InputError, match="resume with --norm batch"):
+        fit(train_args(tiny_data, out, "--no-semi", "--resume"))
+    fit(train_args(tiny_data, out, "--no-semi", "--norm", "batch", "--resume"))
+    assert load_checkpoint(path)["step"] == 4  # the second epoch ran
