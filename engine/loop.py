@@ -215,10 +215,11 @@ def _restore(path: Path, args: Any, config: Config, model_args: dict, model: tor
     Raises:
         InputError: foreign, corrupt or mismatching checkpoint, or one without training state.
     """
+    from models import LEGACY_NORM
+
     ckpt = load_checkpoint(path, expect={"organs": list(config.organs), "view": args.view,
                                          "slices": args.slices, "width": args.width})
-    # Checkpoints written before the norm option have no "norm" key and hold batch-norm networks.
-    stored = {"norm": "batch", **(ckpt.get("model_args") or {})}
+    stored = {"norm": LEGACY_NORM, **(ckpt.get("model_args") or {})}
     if stored != model_args:
         only_norm = {**stored, "norm": args.norm} == model_args
         hint = f" (resume with --norm {stored['norm']})" if only_norm else ""

@@ -8,14 +8,15 @@ from torch import nn
 
 from models.mosnet import MOSNet, MOSOutput
 
-__all__ = ["DEFAULT_NORM", "MODEL_DEFAULTS", "MOSNet", "MOSOutput", "build_model"]
+__all__ = ["DEFAULT_NORM", "LEGACY_NORM", "MODEL_DEFAULTS", "MOSNet", "MOSOutput", "build_model"]
 
 # Paper-like default (GPU, 224x224 crops): PIPO-FAN widths 64..512 and one residual block per level.
 MODEL_DEFAULTS: dict[str, Any] = {"in_channels": 3, "num_classes": 4, "width": 64, "blocks": [1, 1, 1, 1]}
 _KEYS = {"in_channels", "num_classes", "width", "blocks", "fp_dropout", "norm"}
-# What Final.py trains. model_args without "norm" still mean batch norm (build_model): checkpoints
-# written before the option hold batch-norm networks.
+# What Final.py trains.
 DEFAULT_NORM = "instance"
+# What model_args without "norm" mean: checkpoints written before the option hold batch-norm networks.
+LEGACY_NORM = "batch"
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:
@@ -40,4 +41,4 @@ def build_model(model_args: dict[str, Any]) -> nn.Module:
     return MOSNet(in_channels=int(args["in_channels"]), num_classes=int(args["num_classes"]),
                   width=int(args["width"]), fp_dropout=float(args.get("fp_dropout", 0.5)),
                   blocks=blocks if isinstance(blocks, int) else tuple(blocks),
-                  norm=str(args.get("norm", "batch")))
+                  norm=str(args.get("norm", LEGACY_NORM)))

@@ -62,9 +62,9 @@ def res_chain(channels: list[int], norm: str = "batch") -> nn.Sequential:
 
 
 class Stem(nn.Module):
-    """First conv, shared by the full-size input and every pyramid level: conv-BN-ReLU-conv.
+    """First conv, shared by the full-size input and every pyramid level: conv-norm-ReLU-conv.
 
-    Its output is not activated: the residual blocks that follow start with BN-ReLU.
+    Its output is not activated: the residual blocks that follow start with norm-ReLU.
     """
 
     def __init__(self, in_ch: int, out_ch: int, norm: str = "batch") -> None:
@@ -78,7 +78,7 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-    """Output head of one decoder scale: BN-ReLU, then a 1x1 conv to class logits.
+    """Output head of one decoder scale: norm-ReLU, then a 1x1 conv to class logits.
 
     ``forward(x, dropout)`` also returns the logits of the feature-perturbed copy: Dropout2d is applied
     to the activated features just before the 1x1 conv, and clean + perturbed copies go through the
