@@ -135,8 +135,9 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     label = torch.where(lab_mask.gather(1, label.flatten(1)).view_as(label), label, 0)
     ds_l, ds_u = torch.arange(batch, device=dev) % 3, torch.arange(ub, device=dev) % 3
     labeled = LabeledBatch(images(batch), label, lab_mask, ds_l)
-    unl_a = UnlabeledBatch(images(ub), masks(ub), ds_u)
-    unl_b = UnlabeledBatch(images(ub), masks(ub), ds_u)
+    valid = torch.ones(ub, size, size, dtype=torch.bool, device=dev)
+    unl_a = UnlabeledBatch(images(ub), masks(ub), ds_u, valid)
+    unl_b = UnlabeledBatch(images(ub), masks(ub), ds_u, valid)
     gen = torch.Generator(device=dev).manual_seed(seed)
 
     def backward_step(loss) -> None:

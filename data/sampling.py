@@ -32,6 +32,11 @@ from data.volume import VIEWS
 
 IGNORE_INDEX = 255
 PAD_IMAGE = -1.0
+# Unlabeled slices are drawn where the body is: a pixel is body above this windowed value (-1 is the
+# window's low end: air and lung; -0.9 is about -180 HU with the default window), and a slice holds
+# body when at least BODY_FRACTION of the largest body area of its stack is there.
+BODY_LEVEL = -0.9
+BODY_FRACTION = 0.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,11 +91,13 @@ class UnlabeledBatch(_Batch):
         image: ``(B, slices, H, W)`` float32.
         labeled_mask: ``(B, num_classes)`` bool of the source dataset.
         dataset: ``(B,)`` int64 index into ``config.datasets``.
+        valid: ``(B, H, W)`` bool, False on padding (slices smaller than the crop).
     """
 
     image: Tensor
     labeled_mask: Tensor
     dataset: Tensor
+    valid: Tensor
 
 
 def _stack(samples: Sequence[dict[str, Any]], key: str) -> Tensor:
@@ -113,6 +120,7 @@ def collate_unlabeled(samples: Sequence[dict[str, Any]]) -> UnlabeledBatch:
         image=_stack(samples, "image"),
         labeled_mask=_stack(samples, "labeled_mask"),
         dataset=torch.tensor([s["dataset"] for s in samples], dtype=torch.int64),
+        valid=_stack(samples, "valid").to(torch.bool),
     )
 
 
@@ -133,6 +141,39 @@ def slab_indices(centres: np.ndarray, n: int, slices: int) -> np.ndarray:
     return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets[None, :], 0, n - 1)
 
 
+def body_slices(stack: np.ndarray) -> np.ndarray:
+    """Indices of the slices of a windowed ``(n, H, W)`` stack that hold body (see BODY_LEVEL).
+
+    Every fourth pixel in-plane is looked at: the area estimate needs no more, and it keeps this
+    cheap for large unlabeled collections. Returns all slices when none qualifies.
+    """
+    frac = (np.asarray(stack[:, ::4, ::4]) > BODY_LEVEL).mean(axis=(1, 2))
+    if not frac.size or frac.max() <= 0:
+        return np.arange(stack.shape[0])
+    return np.flatnonzero(frac >= BODY_FRACTION * frac.max())
+
+
+def organ_slice_ranges(volumes: Sequence[CachedVolume], view: str,
+                       margin: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Per dataset, the range of relative slice positions that hold a labeled organ, in ``view``.
+
+    Computed on labeled volumes (``[min, max]`` of their foreground slices divided by the stack
+    length, widened by ``margin`` on each side, clipped to [0, 1]); the unlabeled scans of the same
+    dataset cover a similar field of view, so their slices are drawn in the same range.
+    """
+    spans: dict[str, list[float]] = {}
+    for v in volumes:
+        if not v.has_label:
+            continue
+        fg = v.foreground(view)
+        n = int(v.views[view]["shape"][0]) if view in v.views else len(v.image(view))
+        if fg.size and n > 1:
+            lo, hi = float(fg.min()) / (n - 1), float(fg.max()) / (n - 1)
+            cur = spans.setdefault(v.dataset, [lo, hi])
+            cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
+    return {d: (max(0.0, lo - margin), min(1.0, hi + margin)) for d, (lo, hi) in spans.items()}
+
+
 def _owned(array: np.ndarray) -> np.ndarray:
     # A sample must never be a view into a memory map (it would pin the map and pickle lazily).
     out = np.ascontiguousarray(array)
@@ -151,7 +192,10 @@ class SliceDataset(torch.utils.data.Dataset):
         samples_per_epoch: ``len(dataset)``.
         seed: base seed.
         fg_prob: probability of centring on a slice with labeled organs (labeled samples with a
-            foreground only; unlabeled samples are drawn uniformly, their labels are never looked at).
+            foreground only).
+        slice_ranges: unlabeled samples: per dataset, the relative slice range to draw centres from
+            (:func:`organ_slice_ranges` of the labeled volumes); intersected with the slices that
+            hold body (:func:`body_slices`). Labeled samples: unused.
         flips: random horizontal / vertical flips.
         rot90: random rotation by a multiple of 90 degrees (unlabeled weak view).
         labeled: return labels (``collate_labeled``) or not (``collate_unlabeled``).
@@ -168,7 +212,8 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, volumes: Sequence[CachedVolume], config: Config, view: str = "axial",
                  slices: int = 3, block: int = 224, samples_per_epoch: int = 1000, seed: int = 0,
                  fg_prob: float = 0.8, flips: bool = True, rot90: bool = False, labeled: bool = True,
-                 intensity: tuple[float, float] = (0.0, 0.0), alternate_every: int = 0) -> None:
+                 intensity: tuple[float, float] = (0.0, 0.0), alternate_every: int = 0,
+                 slice_ranges: dict[str, tuple[float, float]] | None = None) -> None:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if not volumes:
@@ -198,13 +243,27 @@ class SliceDataset(torch.utils.data.Dataset):
         # Views are built now, in the main process, so workers never race to create them.
         self.shapes = []
         self.fg = []
+        self.centres: list[np.ndarray] = []  # unlabeled: where centre slices are drawn
         for v in self.volumes:
             v.ensure_view(view)
             self.shapes.append(tuple(v.views[view]["shape"]))
             self.fg.append(v.foreground(view) if labeled else np.zeros(0, dtype=np.int64))
+            if not labeled:
+                self.centres.append(self._unlabeled_centres(v, (slice_ranges or {}).get(v.dataset)))
 
     def __len__(self) -> int:
         return self.samples_per_epoch
+
+    def _unlabeled_centres(self, vol: CachedVolume, span: tuple[float, float] | None) -> np.ndarray:
+        """Body slices of ``vol`` inside the dataset's organ range (the body slices alone when the
+        range holds none of them)."""
+        body = body_slices(vol.image(self.view))
+        n = int(vol.views[self.view]["shape"][0])
+        if span is None or n < 2:
+            return body
+        pos = body / (n - 1)
+        inside = body[(pos >= span[0]) & (pos <= span[1])]
+        return inside if inside.size else body
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch``'s samples (deterministic per ``(seed, epoch, index)``)."""
@@ -223,7 +282,10 @@ class SliceDataset(torch.utils.data.Dataset):
         v = group[int(rng.integers(len(group)))] if len(group) > 1 else group[0]
         n, h, w = self.shapes[v]
         fg = self.fg[v]
-        if fg.size and rng.random() < self.fg_prob:
+        if not self.labeled:
+            cand = self.centres[v]
+            centre = int(cand[rng.integers(cand.size)])
+        elif fg.size and rng.random() < self.fg_prob:
             centre = int(fg[rng.integers(fg.size)])
         else:
             centre = int(rng.integers(n))
@@ -243,6 +305,12 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             image = patch
         label = None
+        valid = None
+        if not self.labeled:
+            # padding of a small slice is marked so that no pseudo-label, loss or mask ratio uses it
+            valid = np.zeros((b, b), dtype=np.uint8) if (h < b or w < b) else np.ones((b, b), dtype=np.uint8)
+            if h < b or w < b:
+                valid[py:py + patch.shape[1], px:px + patch.shape[2]] = 1
         if self.labeled:
             lab = vol.label(self.view)[centre, ys, xs]
             if h < b or w < b:
@@ -250,7 +318,7 @@ class SliceDataset(torch.utils.data.Dataset):
                 label[py:py + lab.shape[0], px:px + lab.shape[1]] = lab
             else:
                 label = lab
-        image, label = self._augment(rng, image, label)
+        image, label = self._augment(rng, image, label if self.labeled else valid)
         out: dict[str, Any] = {
             "image": _owned(image),
             "labeled_mask": self.group_mask[g],
@@ -258,8 +326,10 @@ class SliceDataset(torch.utils.data.Dataset):
             "volume": v,
             "slice": centre,
         }
-        if label is not None:
+        if self.labeled:
             out["label"] = _owned(label)
+        else:
+            out["valid"] = _owned(label)  # the valid mask, flipped/rotated with the image
         return out
 
     def _crop(self, rng: np.random.Generator, size: int) -> tuple[slice, int]:

@@ -3,13 +3,19 @@
 One call of :func:`semi_step` does, for a labeled batch and two unlabeled batches ``a`` and ``b``:
 
 1. pseudo-labels and confidences of the weak views of ``a`` and ``b`` from the teacher (no gradient);
-2. the student on ``[labeled; weak a]`` in one pass with feature perturbation: supervised logits, and
-   the feature-perturbed prediction of weak ``a``;
+2. the student on ``[labeled; weak a]`` in one pass with feature perturbation of the ``a`` samples:
+   supervised logits, and the feature-perturbed prediction of weak ``a`` (``SemiConfig.fp``: dropout on
+   every encoder level decoded by the whole decoder, as UniMatch, or only before the heads);
 3. two strong views of ``a``, each CutMixed (independent boxes) with a strong view of ``b``; the pasted
    region takes ``b``'s pseudo-label and confidence;
 4. the student on ``[s1; s2]`` in one pass;
-5. ``loss = (w_x L_x + w_fp L_fp + w_s1 L_s1 + w_s2 L_s2) / 2``, the unsupervised terms being the target
-   adaptive loss against the pseudo-labels, weighted by ``conf >= threshold``.
+5. ``loss = (w_x L_x + r (w_fp L_fp + w_s1 L_s1 + w_s2 L_s2)) / 2``, the unsupervised terms being the
+   target adaptive loss against the pseudo-labels, counting pixels with ``conf >= threshold`` and
+   divided by the number of image pixels (padding excluded) as UniMatch, ``r`` the ramp-up weight.
+
+Padding: an unlabeled sample smaller than the crop is padded; ``UnlabeledBatch.valid`` marks its real
+pixels. Padding gets the ignore label in the pseudo-labels, so it is in no loss, no denominator and
+not in the mask ratio, and CutMix carries it along with the pasted pixels.
 
 Teacher: ``"self"`` (UniMatch) uses the student itself. The weak prediction of ``a`` is then the
 detached clean output of the student's pass 2 (UniMatch does the same: it saves a forward), and ``b``
@@ -18,13 +24,18 @@ is predicted in a separate no-grad pass in eval mode (UniMatch's ``model.eval()`
 
 Pseudo-label space (``SemiConfig.pseudo``): ``"merged"``, as the original, takes the prediction in the
 merged label space of the unlabeled sample's own dataset (organs it does not label become background)
-and trains with the target adaptive loss in that space; ``"full"`` uses every organ. In merged mode a
+and trains with the target adaptive loss in that space; ``"full"`` uses every organ. The confidence is
+the largest probability over ALL classes in both modes: in the merged space, background sums the
+probabilities of background and every unlabeled organ, so an untrained, near-uniform network would
+call every pixel background with confidence (C - 1) / C (0.75 for four classes) and teach "no organ"
+everywhere from the first step. With the full-space maximum it is confident nowhere (1 / C), and for
+thresholds >= 0.5 the merged argmax and the merged class of the full argmax agree. In merged mode a
 CutMix partner from ``b`` must label the same classes as its ``a`` sample (otherwise the pasted
 pseudo-labels live in another label space); samples without such a partner get no box.
 
-Cost: labeled + weak pass (2B, forward + backward, the perturbed branch only re-runs the heads and the
-fusion), a no-grad pass (B) and the strong pass (2B, forward + backward) is about 13/3 = 4.3 supervised
-steps of batch B (``bench/semi_step.py`` counts 4.34x the training FLOPs).
+Cost: labeled + weak pass (forward + backward; the perturbed copies of the weak views add a decoder
+pass), a no-grad teacher pass and the strong pass (forward + backward): ``bench/semi_step.py``
+measures the ratio to a supervised step of the same labeled batch.
 
 Use in a training loop: ``losses = semi_step(...)``; ``losses["loss"].backward()``; optimizer step;
 then ``teacher.update(model)`` for the EMA teacher. Nothing else keeps state between steps except the
@@ -46,6 +57,8 @@ from torch import Tensor, nn
 
 from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_augment
 from engine.runtime import autocast, unwrap
+from losses.partial import IGNORE_INDEX
+from models.mosnet import FP_MODES
 
 if TYPE_CHECKING:
     from data.sampling import LabeledBatch, UnlabeledBatch
@@ -203,21 +216,23 @@ def pseudo_label(logits: Tensor, labeled_mask: Tensor, mode: str = "merged") -> 
             organ its dataset does not label); ``"full"``: softmax over all C classes.
 
     Returns:
-        ``(pseudo (B, H, W) int64, conf (B, H, W) float32)``: argmax and max probability in that space.
+        ``(pseudo (B, H, W) int64, conf (B, H, W) float32)``: the argmax class (in "merged" mode an
+        organ the sample's dataset does not label becomes background, 0) and the largest probability
+        over all classes (see the module docstring: why not the merged space's).
 
     Raises:
         ValueError: unknown mode or shape mismatch.
     """
     if mode not in PSEUDO_MODES:
         raise ValueError(f"pseudo-label mode must be one of {PSEUDO_MODES}, got {mode!r}")
+    if logits.ndim != 4 or tuple(labeled_mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"logits (B, C, H, W) and labeled_mask (B, C) do not fit: {tuple(logits.shape)} "
+                         f"/ {tuple(labeled_mask.shape)}")
+    conf, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1)
     if mode == "merged":
-        from losses.partial import merge_log_probs
-
-        # merged log-probs are normalised (exp sums to 1): exp is the softmax of the merged space
-        probs = merge_log_probs(logits, labeled_mask).exp()
-    else:
-        probs = torch.softmax(logits.float(), dim=1)
-    conf, pseudo = probs.max(dim=1)
+        labeled = labeled_mask.to(device=pseudo.device, dtype=torch.bool)
+        keep = labeled.gather(1, pseudo.flatten(1)).view_as(pseudo)
+        pseudo = torch.where(keep, pseudo, 0)
     return pseudo, conf
 
 
@@ -261,6 +276,7 @@ class SemiConfig:
         cutmix_area, cutmix_ratio: box area fraction and aspect-ratio ranges.
         dice_weight: weight of the soft Dice term in the unsupervised losses (0 = off).
         class_weights: class weights of the unsupervised losses; None = the supervised loss's.
+        fp: feature perturbation, ``"encoder"`` (UniMatch) or ``"head"`` (see models/mosnet.py).
         aug: strong augmentation settings.
     """
 
@@ -277,6 +293,7 @@ class SemiConfig:
     cutmix_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     dice_weight: float = 0.0
     class_weights: tuple[float, ...] | None = None
+    fp: str = "encoder"
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
 
     def __post_init__(self) -> None:
@@ -284,6 +301,8 @@ class SemiConfig:
             raise ValueError(f"SemiConfig.pseudo must be one of {PSEUDO_MODES}, got {self.pseudo!r}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"SemiConfig.teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.fp not in FP_MODES:
+            raise ValueError(f"SemiConfig.fp must be one of {FP_MODES}, got {self.fp!r}")
         weights = (self.w_x, self.w_fp, self.w_s1, self.w_s2, self.dice_weight)
         if any(w < 0 or not math.isfinite(w) for w in weights) or not self.divisor > 0:
             raise ValueError("SemiConfig loss weights must be finite and >= 0 and the divisor > 0")
@@ -300,12 +319,13 @@ def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tenso
                class_weights: Sequence[float] | Tensor = (0.2, 1.2), dice_weight: float = 0.0) -> Tensor:
     """Target adaptive loss against pseudo-labels, counting only pixels with ``conf >= threshold``.
 
-    Masked-out pixels still count in the denominator (UniMatch's ``sum(loss * mask) / numel``, here with
-    the class weights of the weighted cross-entropy), so few confident pixels give a small loss.
+    Normalised per pixel as UniMatch (``sum(w_t * loss * mask) / #pixels``, ignored padding left out of
+    both): masked-out pixels count in the denominator, so few confident pixels give a small loss, and
+    the class weights scale the terms without being renormalised (the original's 0.2 / 1.2 recipe).
 
     Args:
         logits: ``(B, C, H, W)`` student logits.
-        pseudo: ``(B, H, W)`` int64 pseudo-labels (classes of ``labeled_mask``).
+        pseudo: ``(B, H, W)`` int64 pseudo-labels (classes of ``labeled_mask``; 255 = padding, ignored).
         conf: ``(B, H, W)`` confidences.
         labeled_mask: ``(B, C)`` bool label space of each sample (all True for full pseudo-labels).
         threshold: confidence threshold.
@@ -318,7 +338,17 @@ def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tenso
 
     return target_adaptive_loss(logits.float(), pseudo, labeled_mask, class_weights=class_weights,
                                 mode="tal", dice_weight=dice_weight,
-                                pixel_weight=confidence_mask(conf, threshold))
+                                pixel_weight=confidence_mask(conf, threshold), normalise="pixels")
+
+
+def _masked_pseudo_label(logits: Tensor, batch: UnlabeledBatch, mode: str) -> tuple[Tensor, Tensor]:
+    """:func:`pseudo_label` with the batch's padding (``valid`` False) set to the ignore label, conf 0."""
+    pseudo, conf = pseudo_label(logits, batch.labeled_mask, mode)
+    valid = getattr(batch, "valid", None)
+    if valid is None:
+        return pseudo, conf
+    valid = valid.to(device=pseudo.device, dtype=torch.bool)
+    return torch.where(valid, pseudo, IGNORE_INDEX), torch.where(valid, conf, 0.0)
 
 
 def _labeled_part(out: Any, n: int) -> Any:
@@ -401,13 +431,13 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
             finally:
                 model.train(was_training)
 
-    # 2. student on labeled + weak a, with the feature-perturbed branch
+    # 2. student on labeled + weak a; only the weak views of a get a feature-perturbed copy
     with autocast(device, amp_dtype):
-        out = model(torch.cat([xl, xa]), perturb=True)
+        out = model(torch.cat([xl, xa]), perturb=cfg.fp, perturb_from=nl)
     if not use_teacher:
         logits_wa = out.logits[nl:].detach().float()
-    pseudo_a, conf_a = pseudo_label(logits_wa, unl_a.labeled_mask, cfg.pseudo)
-    pseudo_b, conf_b = pseudo_label(logits_wb, unl_b.labeled_mask, cfg.pseudo)
+    pseudo_a, conf_a = _masked_pseudo_label(logits_wa, unl_a, cfg.pseudo)
+    pseudo_b, conf_b = _masked_pseudo_label(logits_wb, unl_b, cfg.pseudo)
 
     # 3. strong views and CutMix (apply_cutmix allocates: pseudo_a stays the L_fp target, defect 3)
     strong = strong_augment(torch.cat([xa, xa, xb, xb]), generator, cfg.aug)
@@ -437,21 +467,23 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     def unsup(logits: Tensor, pseudo: Tensor, conf: Tensor) -> Tensor:
         return unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
 
-    if out.fp_logits is None:
-        raise ValueError("the model returned no fp_logits for perturb=True (is it a MOSNet?)")
-    loss_fp = unsup(out.fp_logits[nl:], pseudo_a, conf_a)
+    if out.fp_logits is None or out.fp_logits.shape[0] != na:
+        raise ValueError("the model returned no fp_logits for the weak views (is it a MOSNet?)")
+    loss_fp = unsup(out.fp_logits, pseudo_a, conf_a)
     loss_s1 = unsup(logits_s1, pseudo_s1, conf_s1)
     loss_s2 = unsup(logits_s2, pseudo_s2, conf_s2)
     unsup = cfg.w_fp * loss_fp + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2
     loss = (cfg.w_x * loss_x + float(unsup_scale) * unsup) / cfg.divisor
+    real = (pseudo_a != IGNORE_INDEX).to(torch.float32)
+    n_real = real.sum().clamp_min(1.0)
     return {
         "loss": loss,
         "loss_x": loss_x.detach(),
         "loss_fp": loss_fp.detach(),
         "loss_s1": loss_s1.detach(),
         "loss_s2": loss_s2.detach(),
-        "mask_ratio": confidence_mask(conf_a, threshold).mean(),
-        "conf_mean": conf_a.mean(),
+        "mask_ratio": (confidence_mask(conf_a, threshold) * real).sum() / n_real,
+        "conf_mean": (conf_a * real).sum() / n_real,
     }
 
 

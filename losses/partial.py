@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("tal", "naive")
+NORMALISERS = ("weights", "pixels")
+IGNORE_INDEX = 255  # label value of pixels that are in no loss (padding)
+# Soft Dice smoothing, in pixels: keeps the gradient of a class predicted where the target has none
+# (without it the loss of such a pair is the constant 1 and false positives are never pushed down).
+DICE_SMOOTH = 1.0
 
 
 def merge_log_probs(logits: Tensor, labeled_mask: Tensor) -> Tensor:
@@ -97,14 +102,17 @@ class _Target:
     index: Tensor     # (B, 1, H, W) int64 class index, ignored pixels set to 0
     mask: Tensor      # (B, H, W) float32 pixel_weight (or 1) on kept pixels, 0 where ignored
     pixel: Tensor     # (B, H, W) float32 class weight * mask
-    denom: Tensor     # () float32 sum of class weights over non-ignored pixels
+    denom: Tensor     # () float32 sum of class weights (or count) over non-ignored pixels
     labeled: Tensor   # (B, C) bool, all True in naive mode
 
 
 def _prepare(logits_shape: torch.Size, target: Tensor, labeled_mask: Tensor, class_weights,
-             mode: str, ignore_index: int, pixel_weight: Tensor | None, device: torch.device) -> _Target:
+             mode: str, ignore_index: int, pixel_weight: Tensor | None, device: torch.device,
+             normalise: str = "weights") -> _Target:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if normalise not in NORMALISERS:
+        raise ValueError(f"normalise must be one of {NORMALISERS}, got {normalise!r}")
     b, c, h, w = logits_shape
     if tuple(target.shape) != (b, h, w):
         raise ValueError(f"target must be (B, H, W) = ({b}, {h}, {w}), got {tuple(target.shape)}")
@@ -128,7 +136,7 @@ def _prepare(logits_shape: torch.Size, target: Tensor, labeled_mask: Tensor, cla
                          f"sample's dataset (labeled_mask); ignore_index is {ignore_index}")
     cw = class_weight_vector(class_weights, c, device)[index]
     mask = valid.to(torch.float32)
-    denom = (cw * mask).sum()
+    denom = (cw * mask).sum() if normalise == "weights" else mask.sum()
     if pixel_weight is not None:
         mask = mask * pixel_weight.to(device=device, dtype=torch.float32)
     return _Target(index=index[:, None], mask=mask, pixel=cw * mask, denom=denom, labeled=labeled)
@@ -150,10 +158,11 @@ def _losses(logits: Tensor, tgt: _Target, dice_weight: float) -> Tensor:
 def _soft_dice(merged: Tensor, tgt: _Target) -> Tensor:
     """Soft Dice loss over the labeled organs (classes of S except background): (K,).
 
-    Per sample and class: ``1 - 2|P.T| / (|P| + |T|)`` over non-ignored pixels (weighted by
-    pixel_weight). A (sample, class) pair is skipped when the class is neither in the target nor in
-    the argmax prediction: its Dice is undefined, and counting it as 0 or 1 would bias the mean. A
-    false positive (predicted, not in the target) counts and is pushed down. Mean over kept pairs;
+    Per sample and class: ``1 - (2|P.T| + s) / (|P| + |T| + s)`` over non-ignored pixels (weighted by
+    pixel_weight), ``s`` = :data:`DICE_SMOOTH` pixels. A (sample, class) pair is skipped when the class
+    is neither in the target nor in the argmax prediction: its Dice is undefined, and counting it as 0
+    or 1 would bias the mean. A false positive (predicted, not in the target) counts: its loss
+    ``|P| / (|P| + s)`` falls as the predicted mass does, so it is pushed down. Mean over kept pairs;
     0 when none is kept.
     """
     k, b, c = merged.shape[:3]
@@ -168,15 +177,15 @@ def _soft_dice(merged: Tensor, tgt: _Target) -> Tensor:
     predicted = ((merged.argmax(dim=2, keepdim=True) == classes) & (m > 0)[:, None]).any(dim=(-2, -1))
     present = (tsum > 0) | predicted[..., 1:]
     keep = present & tgt.labeled[None, :, 1:]
-    dice = 1 - 2 * inter / torch.where(keep, psum + tsum, torch.ones_like(psum))
+    dice = 1 - (2 * inter + DICE_SMOOTH) / (psum + tsum + DICE_SMOOTH)
     keep_f = keep.to(dice.dtype)
     return (dice * keep_f).sum(dim=(1, 2)) / keep_f.sum(dim=(1, 2)).clamp_min(1)
 
 
 def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
                          class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
-                         dice_weight: float = 0.0, ignore_index: int = 255,
-                         pixel_weight: Tensor | None = None) -> Tensor:
+                         dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
+                         pixel_weight: Tensor | None = None, normalise: str = "weights") -> Tensor:
     """Target adaptive loss of one output against a partially labeled target.
 
     Args:
@@ -195,6 +204,9 @@ def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
             ``sum(w_t * pixel_weight * nll) / sum(w_t)`` over non-ignored pixels, i.e. masked-out
             pixels still count in the denominator, as in UniMatch's ``(loss * conf).sum() /
             valid.sum()``; a batch with few confident pixels thus contributes a smaller loss.
+        normalise: ``"weights"``: divide by the sum of the class weights over non-ignored pixels
+            (PyTorch's weighted cross-entropy); ``"pixels"``: by their number (UniMatch's unlabeled
+            losses: the class weights scale the terms and are not renormalised).
 
     Returns:
         Scalar float32 loss (0 with a graph when every pixel is ignored).
@@ -204,7 +216,7 @@ def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
             sample's labeled set / out of range.
     """
     tgt = _prepare(logits.shape, target, labeled_mask, class_weights, mode, ignore_index, pixel_weight,
-                   logits.device)
+                   logits.device, normalise)
     return _losses(logits[None], tgt, dice_weight)[0]
 
 
@@ -227,7 +239,7 @@ class DeepSupervisedLoss(nn.Module):
     """
 
     def __init__(self, class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
-                 dice_weight: float = 0.0, ignore_index: int = 255, fused_weight: float = 1.0,
+                 dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, fused_weight: float = 1.0,
                  scale_weights: float | Sequence[float] = 0.5) -> None:
         super().__init__()
         if mode not in MODES:

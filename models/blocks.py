@@ -21,7 +21,12 @@ def norm2d(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        # GroupNorm with one group per channel is instance normalisation with a per-channel affine
+        # (the same statistics, eps and parameters 'weight'/'bias' as InstanceNorm2d(affine=True), so
+        # checkpoints load either way). PyTorch's CPU GroupNorm kernel is faster (a width-16 training
+        # step 0.41 s vs 0.45 s on one core) and, unlike InstanceNorm2d, has a channels_last kernel,
+        # which makes CPU inference 1.3x faster (bench/inference.py).
+        return nn.GroupNorm(channels, channels)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -80,10 +85,10 @@ class Stem(nn.Module):
 class Head(nn.Module):
     """Output head of one decoder scale: norm-ReLU, then a 1x1 conv to class logits.
 
-    ``forward(x, dropout)`` also returns the logits of the feature-perturbed copy: Dropout2d is applied
-    to the activated features just before the 1x1 conv, and clean + perturbed copies go through the
-    conv as one batch. The BN therefore only ever normalises clean features, so the clean logits are
-    exactly those of an unperturbed forward pass (and BN running statistics are not polluted).
+    ``forward(x, dropout, start)`` also returns the logits of feature-perturbed copies of samples
+    ``start:`` ("head" perturbation): Dropout2d is applied to their activated features just before
+    the 1x1 conv, and clean + perturbed copies go through the conv as one batch. The norm therefore
+    only ever sees clean features, so the clean logits are exactly those of an unperturbed pass.
     """
 
     def __init__(self, in_ch: int, num_classes: int, norm: str = "batch") -> None:
@@ -91,10 +96,10 @@ class Head(nn.Module):
         self.bn = norm2d(norm, in_ch)
         self.conv = nn.Conv2d(in_ch, num_classes, 1)
 
-    def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
+    def forward(self, x: Tensor, dropout: nn.Module | None = None, start: int = 0) -> Tensor:
         a = F.relu(self.bn(x))
         if dropout is not None:
-            a = torch.cat([a, dropout(a)], dim=0)
+            a = torch.cat([a, dropout(a[start:])], dim=0)
         return self.conv(a)
 
 

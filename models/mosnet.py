@@ -12,9 +12,17 @@ Layout (level ``l`` works at 1/2**l of the input size, channels ``c = [w, 2w, 4w
     fusion          a small conv scores each scale output, global average + max pooling gives one
                     score per output and image, softmax across outputs, weighted sum = fused logits
 
-Feature perturbation (``perturb=True``, UniMatch style): Dropout2d on the scale features right before
-each head's 1x1 conv; the perturbed logits are fused again (``fp_logits``). The encoder/decoder pass is
-shared, and clean + perturbed copies go through the head convs and the fusion as one batch.
+Feature perturbation (``perturb``), for the semi-supervised module:
+
+* ``"encoder"`` (default, as UniMatch): Dropout2d on the encoder features of every level (the skips
+  and the bottleneck), decoded through the whole decoder, the scale branches, the heads and the
+  fusion. The encoder pass is shared; clean and perturbed copies go through the decoder as one batch.
+* ``"head"`` (the original UniMOS code's depth): Dropout2d on the scale features right before each
+  head's 1x1 conv; only the 1x1 convs and the fusion see the perturbation.
+
+Only samples ``perturb_from:`` get a perturbed copy (the semi-supervised step perturbs the unlabeled
+weak views, not the labeled samples that share the forward). With instance norm (the default) every
+sample is normalised on its own, so the clean outputs equal those of an unperturbed pass.
 
 Normalisation (``norm``): PIPO-FAN uses BatchNorm (``batch``); ``instance`` (Final.py's default)
 normalises every feature map of every image on its own, in training and at inference alike. Trained
@@ -41,6 +49,7 @@ from models.blocks import NORMS, FusionScorer, Head, Stem, res_chain
 
 NUM_LEVELS = 5  # full size + four 2x downsamplings: inputs must be divisible by 16
 DIVISOR = 2 ** (NUM_LEVELS - 1)
+FP_MODES = ("encoder", "head")
 
 
 @dataclass
@@ -51,8 +60,9 @@ class MOSOutput:
         logits: (B, C, H, W) fused logits.
         scales: deep-supervision logits, one per decoder scale, finest (full-size decoder level) first,
             each upsampled to (B, C, H, W).
-        fp_logits: (B, C, H, W) fused logits of the feature-perturbed scale features, or None when
-            ``perturb=False``. In eval mode Dropout2d is the identity, so they equal ``logits``.
+        fp_logits: (B - perturb_from, C, H, W) fused logits of the feature-perturbed copies of samples
+            ``perturb_from:``, or None without ``perturb``. In eval mode Dropout2d is the identity, so
+            they equal ``logits[perturb_from:]``.
         weights: (B, num_scales) adaptive fusion weights of the clean pass (softmax: rows sum to 1).
     """
 
@@ -158,20 +168,26 @@ class MOSNet(nn.Module):
         if h % DIVISOR or w % DIVISOR:
             raise ValueError(f"MOSNet input H and W must be divisible by {DIVISOR}, got {h}x{w}")
 
-    def forward(self, x: Tensor, perturb: bool = False) -> MOSOutput:
+    def forward(self, x: Tensor, perturb: bool | str = False, perturb_from: int = 0) -> MOSOutput:
         """Segment a batch of 2.5D slices.
 
         Args:
             x: (B, in_channels, H, W), H and W divisible by 16.
-            perturb: also compute ``fp_logits`` from Dropout2d-perturbed scale features.
+            perturb: False, or the feature perturbation of ``fp_logits``: ``"encoder"`` (True means
+                this) or ``"head"`` (see the module docstring).
+            perturb_from: only samples ``perturb_from:`` get a perturbed copy.
 
         Returns:
             MOSOutput with logits, per-scale logits (finest first), fp_logits, fusion weights.
 
         Raises:
-            ValueError: wrong channel count or H/W not divisible by 16.
+            ValueError: wrong channel count, H/W not divisible by 16, unknown perturbation.
         """
         self._check_input(x)
+        mode = _fp_mode(perturb)
+        b = x.shape[0]
+        if mode is not None and not 0 <= perturb_from < b:
+            raise ValueError(f"perturb_from must be in [0, {b}), got {perturb_from}")
         size = x.shape[-2:]
         if self.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             # a channels_last model runs fully channels_last (much faster on CPU with oneDNN) only if the
@@ -185,6 +201,9 @@ class MOSNet(nn.Module):
             y = F.avg_pool2d(y, 2)
             p = self.pyramid[lvl - 1](self.stem(y))
             feats.append(self.encoder[lvl - 1](torch.cat([F.max_pool2d(feats[-1], 2), p], dim=1)))
+        if mode == "encoder":
+            # perturbed copies of every encoder level ride along the batch through the decoder
+            feats = [torch.cat([f, self.fp_drop(f[perturb_from:])]) for f in feats]
 
         # decoder
         dec = [feats[-1]]
@@ -192,18 +211,17 @@ class MOSNet(nn.Module):
             up = F.interpolate(dec[0], size=feats[lvl].shape[-2:], mode="bilinear", align_corners=False)
             dec.insert(0, self.decoder[lvl](torch.cat([feats[lvl], up], dim=1)))
 
-        # scale outputs; with perturb each head returns clean and perturbed logits stacked on the batch
-        drop = self.fp_drop if perturb else None
+        # scale outputs; "head" perturbation appends the perturbed copies inside each head
+        drop = self.fp_drop if mode == "head" else None
         scales = []
         for lvl in range(NUM_LEVELS):
-            logit = self.heads[lvl](self.branches[lvl](dec[lvl]), drop)
+            logit = self.heads[lvl](self.branches[lvl](dec[lvl]), drop, perturb_from)
             if lvl:
                 logit = F.interpolate(logit, size=size, mode="bilinear", align_corners=False)
             scales.append(logit)
 
         fused, weights = self._fuse(scales)
-        b = x.shape[0]
-        if perturb:
+        if mode is not None:
             return MOSOutput(logits=fused[:b], scales=[s[:b] for s in scales], fp_logits=fused[b:],
                              weights=weights[:b])
         return MOSOutput(logits=fused, scales=scales, fp_logits=None, weights=weights)
@@ -213,7 +231,19 @@ class MOSNet(nn.Module):
         s, n = len(scales), scales[0].shape[0]
         flat = torch.cat(scales, dim=0)  # (S*N, C, H, W): one scorer call; keeps channels_last
         scores = self.scorer(flat).view(s, n)
-        # softmax in float32: the weights are few, and bf16 would round them to ~3 digits
+        # softmax and weighted sum in float32: under bf16 autocast the weights would keep ~3 digits and
+        # the sum of five rounded products would add more rounding to the logits every loss sees
         w = torch.softmax(scores.float(), dim=0)
-        fused = (w.to(flat.dtype)[:, :, None, None, None] * flat.view(s, n, *flat.shape[1:])).sum(dim=0)
+        fused = (w[:, :, None, None, None] * flat.float().view(s, n, *flat.shape[1:])).sum(dim=0)
         return fused, w.t()
+
+
+def _fp_mode(perturb: bool | str) -> str | None:
+    """``perturb`` argument -> None (off) or one of :data:`FP_MODES`."""
+    if perturb is False or perturb is None:
+        return None
+    if perturb is True:
+        return "encoder"
+    if perturb in FP_MODES:
+        return str(perturb)
+    raise ValueError(f"perturb must be False, True or one of {FP_MODES}, got {perturb!r}")

@@ -204,7 +204,7 @@ def test_dice_hand_computed():
     t = torch.tensor([[[1, 0]]])
     full = torch.ones(1, 2, dtype=torch.bool)
     ce = (1.2 * -math.log(0.8) + 0.2 * -math.log(0.7)) / 1.4
-    dice = 1 - 2 * 0.8 / (1.1 + 1.0)
+    dice = 1 - (2 * 0.8 + 1.0) / (1.1 + 1.0 + 1.0)  # smoothing of one pixel (DICE_SMOOTH)
     got = target_adaptive_loss(z, t, full, dice_weight=0.5)
     assert got.item() == pytest.approx(ce + 0.5 * dice, rel=1e-6)
 
@@ -215,10 +215,25 @@ def test_dice_skips_class_absent_from_target_and_prediction():
     full = torch.ones(1, 2, dtype=torch.bool)
     torch.testing.assert_close(target_adaptive_loss(z, t, full, dice_weight=1.0),
                                target_adaptive_loss(z, t, full))
-    # a false positive counts: Dice 0 -> loss 1
+    # a false positive counts: loss |P| / (|P| + 1), P = 0.9 + 0.3 predicted organ mass
     z = _two_class([0.9, 0.3])
     diff = target_adaptive_loss(z, t, full, dice_weight=1.0) - target_adaptive_loss(z, t, full)
-    assert diff.item() == pytest.approx(1.0)
+    assert diff.item() == pytest.approx(1.2 / 2.2, rel=1e-5)
+
+
+def test_dice_pushes_false_positives_down():
+    # organ predicted, target background only: without smoothing the Dice term is the constant 1
+    z = _two_class([0.9, 0.6]).requires_grad_(True)
+    t = torch.zeros(1, 1, 2, dtype=torch.long)
+    full = torch.ones(1, 2, dtype=torch.bool)
+    from losses.partial import _prepare, _soft_dice
+    from losses.partial import _merge as merge
+
+    tgt = _prepare(z.shape, t, full, (1.0, 1.0), "tal", 255, None, z.device)
+    dice = _soft_dice(merge(torch.log_softmax(z, 1), full)[None], tgt)[0]
+    dice.backward()
+    organ_grad = z.grad[0, 1]
+    assert bool((organ_grad > 0).all()), "descending the loss must lower the organ logits"
 
 
 def test_dice_ignores_unlabeled_organs():
@@ -230,10 +245,11 @@ def test_dice_ignores_unlabeled_organs():
     # merged, organ 2 is background: no organ of S is in target or prediction, so no Dice term
     torch.testing.assert_close(target_adaptive_loss(z, t, mask, dice_weight=1.0),
                                target_adaptive_loss(z, t, mask))
-    # naive mode sees an organ-2 false positive: Dice loss 1 for it, 0 terms otherwise
+    # naive mode sees an organ-2 false positive (organ 1 is neither predicted nor present: skipped)
     diff = target_adaptive_loss(z, t, mask, mode="naive", dice_weight=1.0) - \
         target_adaptive_loss(z, t, mask, mode="naive")
-    assert diff.item() == pytest.approx(1.0)
+    p2 = 4 * math.exp(4.0) / (math.exp(4.0) + 2)
+    assert diff.item() == pytest.approx(p2 / (p2 + 1.0), rel=1e-5)
 
 
 # --- deep supervision ----------------------------------------------------------------------------------

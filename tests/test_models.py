@@ -69,20 +69,38 @@ def test_fusion_scorer_matches_its_conv_definition():
     torch.testing.assert_close(sc(x[:2]), sc(x)[:2])
 
 
-def test_perturbation():
-    model = _model(CONFIGS[0][0]).train()
-    x = torch.randn(2, 3, 32, 48)
+@pytest.mark.parametrize("norm,mode", [(DEFAULT_NORM, "encoder"), (DEFAULT_NORM, "head"), ("batch", "head")])
+def test_perturbation(norm, mode):
+    model = _model({**CONFIGS[0][0], "norm": norm}).train()
+    x = torch.randn(3, 3, 32, 48)
     torch.manual_seed(1)
-    out = model(x, perturb=True)
-    assert out.fp_logits is not None and out.fp_logits.shape == out.logits.shape
-    assert not torch.allclose(out.fp_logits, out.logits)
-    # the clean path of a perturbed call is the ordinary forward pass (heads' BN sees clean features only)
+    out = model(x, perturb=mode, perturb_from=1)
+    # perturbed copies of samples 1: only
+    assert out.fp_logits is not None and out.fp_logits.shape == (2, *out.logits.shape[1:])
+    assert not torch.allclose(out.fp_logits, out.logits[1:])
+    # the clean path of a perturbed call is the ordinary forward pass: per-image normalisation (or, for
+    # "head", a norm that only sees clean features) keeps the perturbed copies out of its statistics
     plain = model(x)
     torch.testing.assert_close(out.logits, plain.logits, rtol=1e-4, atol=1e-4)
-    # both predictions train the network
+    # both predictions train the network; encoder perturbation reaches the decoder's weights
     model.zero_grad()
     out.fp_logits.sum().backward()
     assert model.stem.conv1.weight.grad is not None
+    dec_grad = model.decoder[0][0].conv1.weight.grad
+    assert dec_grad is not None and bool(dec_grad.abs().sum() > 0)
+
+
+def test_encoder_perturbation_drops_encoder_features():
+    """'encoder' perturbs before the decoder: the perturbed logits differ from the clean ones even when
+    the heads' dropout would be the identity, and eval mode (no dropout) gives back the clean logits."""
+    model = _model({**CONFIGS[0][0], "norm": DEFAULT_NORM}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, perturb="encoder")
+    torch.testing.assert_close(out.fp_logits, out.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="perturb"):
+        model(x, perturb="decoder")
+    with pytest.raises(ValueError, match="perturb_from"):
+        model(x, perturb=True, perturb_from=2)
 
 
 def test_eval_deterministic_and_no_perturbation():
@@ -178,7 +196,12 @@ def test_bf16_autocast_cpu_finite():
     x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, perturb=True)
-    assert out.logits.dtype == torch.bfloat16
+    # the scale outputs are bf16, the fusion (weights and weighted sum) runs in float32
+    assert out.scales[0].dtype == torch.bfloat16
+    assert out.logits.dtype == torch.float32 and out.fp_logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model._fuse([s.float() for s in out.scales])[0]
+    torch.testing.assert_close(out.logits, ref[:2], rtol=0, atol=0)
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.fp_logits.float()).all()
     torch.testing.assert_close(out.weights.sum(dim=1), torch.ones(2))
     out.logits.float().mean().backward()

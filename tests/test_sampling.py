@@ -160,6 +160,43 @@ def test_unlabeled_batches(volumes):
         SliceDataset(unlabeled, CONFIG, "axial")
 
 
+def test_unlabeled_valid_mask_marks_padding_and_moves_with_the_image(volumes):
+    _, unlabeled = volumes
+    ds = SliceDataset(unlabeled, CONFIG, "axial", block=48, samples_per_epoch=8, seed=0,
+                      rot90=True, flips=True, labeled=False)
+    batch = collate_unlabeled([ds[i] for i in range(8)])
+    assert batch.valid.shape == (8, 48, 48) and batch.valid.dtype == torch.bool
+    assert (batch.valid.sum(dim=(1, 2)) == 32 * 32).all()
+    # padding is exactly where the image holds the pad value and valid is False
+    assert bool((batch.image[:, 1][~batch.valid] == -1.0).all())
+    full = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=4, seed=0, labeled=False)
+    assert bool(collate_unlabeled([full[i] for i in range(4)]).valid.all())
+
+
+def test_unlabeled_centres_where_the_body_is_and_in_the_organ_range():
+    from data.sampling import body_slices
+
+    stack = np.full((20, 16, 16), -1.0, dtype=np.float32)
+    stack[5:15, 4:12, 4:12] = 0.2          # body in slices 5..14
+    stack[2, 1:4, 1:4] = 0.2               # a small patch: too little to be body
+    assert body_slices(stack).tolist() == list(range(5, 15))
+    assert body_slices(np.full((3, 8, 8), -1.0)).tolist() == [0, 1, 2]  # no body: everything
+
+
+def test_unlabeled_sampling_uses_slice_ranges(volumes):
+    from data.sampling import organ_slice_ranges
+
+    labeled, unlabeled = volumes
+    ranges = organ_slice_ranges(labeled, "axial", margin=0.0)
+    assert set(ranges) <= {"KiTS", "MSDSpleen"} and all(0 <= lo <= hi <= 1 for lo, hi in ranges.values())
+    span = {d: (0.5, 0.5) for d in ("KiTS", "MSDSpleen")}  # only the middle slice (index 4 of 9)
+    ds = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=16, seed=0, labeled=False,
+                      slice_ranges=span)
+    centres = {ds[i]["slice"] for i in range(16)}
+    # the synthetic volumes hold body in every slice, so the range alone decides
+    assert centres == {4}
+
+
 def test_rank_sharding():
     assert indices_for_rank(10, 0, 3) == [0, 3, 6, 9]
     assert indices_for_rank(10, 1, 3) == [1, 4, 7, 0]

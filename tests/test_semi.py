@@ -72,9 +72,13 @@ def test_threshold_masks_exactly_conf_at_or_above():
     logp = torch.log_softmax(logits, dim=1)[0, :, 0]                                 # (2, 4)
     nll = [-logp[t, i].item() for i, t in enumerate([0, 1, 1, 0])]
     w = [0.2, 1.2, 1.2, 0.2]
-    # pixels 1 and 3 train; every pixel counts in the denominator (UniMatch normalisation)
-    expected = (w[1] * nll[1] + w[3] * nll[3]) / sum(w)
+    # pixels 1 and 3 train; every pixel counts in the denominator, which is the pixel count (UniMatch's
+    # and the original's normalisation: the class weights scale the terms and are not renormalised)
+    expected = (w[1] * nll[1] + w[3] * nll[3]) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # padding (ignore label 255) is in neither the numerator nor the denominator
+    loss = unsup_loss(logits, torch.tensor([[[0, 1, 255, 0]]]), conf, mask, 0.7, class_weights=(0.2, 1.2))
+    assert loss.item() == pytest.approx((w[1] * nll[1] + w[3] * nll[3]) / 3, rel=1e-6)
     assert unsup_loss(logits, pseudo, conf, mask, 0.95).item() == 0.0
 
 
@@ -182,7 +186,8 @@ def test_pseudo_label_merged_vs_full_hand_computed():
 
     merged_p, merged_c = pseudo_label(logits, mask, "merged")
     assert merged_p.tolist() == [[[0, 2]]]                  # the unlabeled organ 1 became background
-    assert merged_c[0, 0].tolist() == pytest.approx([(2 + e ** 3) / z0, e ** 5 / z1], rel=1e-6)
+    # confidence: the largest probability over all classes, not the merged background's (2 + e^3) / z0
+    assert merged_c[0, 0].tolist() == pytest.approx([e ** 3 / z0, e ** 5 / z1], rel=1e-6)
     assert full_p.dtype == torch.int64 and full_c.dtype == torch.float32
     with pytest.raises(ValueError):
         pseudo_label(logits, mask, "soft")
@@ -229,8 +234,9 @@ def batches(seed: int, n: int = 3, size: int = 32):
     label[0, :2] = 255                                                                   # padding
     ds = torch.arange(n)
     lab = LabeledBatch(img(), label, lmask, ds)
-    ua = UnlabeledBatch(img(), MASKS[[0, 1, 2]], ds)
-    ub = UnlabeledBatch(img(), MASKS[[1, 0, 3]], ds)          # a's sample 2 has no same-label partner
+    valid = torch.ones(n, size, size, dtype=torch.bool)
+    ua = UnlabeledBatch(img(), MASKS[[0, 1, 2]], ds, valid)
+    ub = UnlabeledBatch(img(), MASKS[[1, 0, 3]], ds, valid)   # a's sample 2 has no same-label partner
     return lab, ua, ub
 
 
@@ -287,7 +293,7 @@ def test_feature_perturbation_target_not_corrupted_by_cutmix():
     # Without dropout the perturbed branch equals the clean one, so L_fp must equal the loss of the clean
     # weak logits against their own pseudo-labels, whatever was pasted into the strong views' targets.
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8, fp_dropout=0.0)
+    model = MOSNet(3, C, 8, fp_dropout=0.0, norm="instance")
     lab, ua, ub = batches(5)
     cfg = SemiConfig(pseudo="full", cutmix_p=1.0, cutmix_area=(0.3, 0.4))
     out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg,
@@ -311,13 +317,61 @@ def test_semi_step_nothing_confident_leaves_supervised_loss():
     assert out["loss"].item() == pytest.approx(out["loss_x"].item() / 2)
 
 
+@pytest.mark.parametrize("pseudo", ["merged", "full"])
+def test_untrained_network_is_confident_nowhere(pseudo):
+    """A freshly initialised default network must not produce confident pseudo-labels (issue: the merged
+    background of a near-uniform prediction has probability 0.75 >= the first threshold 0.7)."""
+    from models import DEFAULT_NORM, build_model
+
+    torch.manual_seed(0)
+    model = build_model({"in_channels": 3, "num_classes": C, "width": 8, "norm": DEFAULT_NORM}).eval()
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        logits = model(x).logits
+    _, conf = pseudo_label(logits, MASKS, pseudo)
+    assert confidence_mask(conf, 0.7).mean().item() < 0.01
+    # while the merged space itself would have called almost everything confident background
+    from losses.partial import merge_log_probs
+
+    merged_conf = merge_log_probs(logits, MASKS).exp().amax(dim=1)
+    assert confidence_mask(merged_conf, 0.7).mean().item() > 0.5
+
+
+def test_padding_is_in_no_unsupervised_loss_and_not_in_the_mask_ratio():
+    torch.manual_seed(0)
+    model = MOSNet(3, C, 8, norm="instance")
+    lab, ua, ub = batches(2)
+    for b in (ua, ub):
+        b.valid[:, :, 16:] = False  # right half is padding
+    cfg = SemiConfig(pseudo="full", cutmix_p=1.0)
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg, torch.Generator().manual_seed(0))
+    # threshold 0: every real pixel is confident, padding is not counted at all
+    assert out["mask_ratio"].item() == 1.0
+    # the padded half's image content does not matter for the unsupervised losses of the weak view
+    ua2 = UnlabeledBatch(ua.image.clone(), ua.labeled_mask, ua.dataset, ua.valid)
+    ua2.image[:, :, :, 16:] = -1.0
+    with torch.no_grad():
+        weak = model(torch.cat([lab.image, ua.image])).logits[3:]
+    from engine.semi import _masked_pseudo_label
+
+    pseudo, conf = _masked_pseudo_label(weak, ua, "full")
+    assert bool((pseudo[:, :, 16:] == 255).all()) and bool((conf[:, :, 16:] == 0).all())
+    assert bool((pseudo[:, :, :16] != 255).all())
+    # nothing real: unsupervised losses are 0
+    for b in (ua, ub):
+        b.valid[:] = False
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg, torch.Generator().manual_seed(0))
+    assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
+    assert out["mask_ratio"].item() == 0.0
+
+
 def test_semi_step_argument_errors():
     model = MOSNet(3, C, 8)
     lab, ua, ub = batches(4)
     with pytest.raises(ValueError, match="EMATeacher"):
         semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, SemiConfig(teacher="ema"),
                   torch.Generator())
-    small = UnlabeledBatch(ub.image[:, :, :16, :16], ub.labeled_mask, ub.dataset)
+    small = UnlabeledBatch(ub.image[:, :, :16, :16], ub.labeled_mask, ub.dataset, ub.valid[:, :16, :16])
     with pytest.raises(ValueError, match="same"):
         semi_step(model, None, lab, ua, small, DeepSupervisedLoss(), 0.5, None, torch.Generator())
     with pytest.raises(ValueError):
@@ -351,8 +405,10 @@ def test_short_run_pseudo_label_confidence_rises():
     conf, ratio = [], []
     for _ in range(40):
         x, y = disks(4, g)
-        out = semi_step(model, None, LabeledBatch(x, y, mask, ds), UnlabeledBatch(disks(4, g)[0], mask, ds),
-                        UnlabeledBatch(disks(4, g)[0], mask, ds), loss_fn, 0.8, SemiConfig(pseudo="full"), g)
+        valid = torch.ones(4, 32, 32, dtype=torch.bool)
+        out = semi_step(model, None, LabeledBatch(x, y, mask, ds),
+                        UnlabeledBatch(disks(4, g)[0], mask, ds, valid),
+                        UnlabeledBatch(disks(4, g)[0], mask, ds, valid), loss_fn, 0.8, SemiConfig(pseudo="full"), g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
