@@ -96,9 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the labeled, feature-perturbed and two strong-view losses")
     g.add_argument("--semi-divisor", type=float, default=2.0,
                    help="the weighted sum is divided by this (the original's / 2)")
-    g.add_argument("--semi-warmup", type=int, default=0, help="supervised-only epochs first")
-    g.add_argument("--semi-rampup", type=int, default=0,
-                   help="epochs over which the unsupervised loss weights ramp up from ~0 (0: full at once)")
+    g.add_argument("--semi-warmup", type=float, default=0.3,
+                   help="supervised-only training first: a fraction of --epochs (< 1) or a number of epochs "
+                        "(>= 1). Pseudo-labels of an untrained network are noise")
+    g.add_argument("--semi-rampup", type=float, default=0.1,
+                   help="after the warm-up, the unsupervised loss weights ramp up from ~0 over this fraction "
+                        "of --epochs (< 1) or number of epochs (>= 1); 0: full weight at once")
+    g.add_argument("--fp", default="encoder", choices=("encoder", "head"),
+                   help="feature perturbation: dropout on every encoder level decoded by the whole decoder "
+                        "(UniMatch), or on the scale features before the heads (the original)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="./runs/unimos", help="checkpoint and log folder")

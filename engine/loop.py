@@ -228,7 +228,8 @@ def _restore(path: Path, args: Any, config: Config, model_args: dict, model: tor
     if missing:
         raise InputError(path, f"checkpoint has no {', '.join(missing)}; cannot resume training from it")
     try:
-        model.load_state_dict(ckpt["model"])
+        # a best checkpoint that serves the EMA weights keeps the student's under "student_model"
+        model.load_state_dict(ckpt.get("student_model", ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
@@ -322,7 +323,8 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
         try:
             semi_cfg = SemiConfig(pseudo=args.pseudo, teacher=args.teacher, ema_momentum=args.ema_momentum,
                                   class_weights=tuple(args.unsup_class_weights), w_x=w_x, w_fp=w_fp,
-                                  w_s1=w_s1, w_s2=w_s2, divisor=args.semi_divisor)
+                                  w_s1=w_s1, w_s2=w_s2, divisor=args.semi_divisor,
+                                  fp=getattr(args, "fp", "encoder"))
             thresholds = ThresholdSchedule.from_arg(args.threshold)
         except ValueError as err:
             raise InputError(None, str(err)) from None
@@ -359,7 +361,8 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
     # epoch, so sample n is drawn from default_rng([seed, n // per_epoch, n % per_epoch]).
     global_batch = args.batchsize * dist.world
     ub = args.unlabeled_batchsize or args.batchsize
-    semi_from = args.semi_warmup * spe  # first step of the semi-supervised phase
+    semi_from = epochs_to_steps(args.semi_warmup, args.epochs, spe)  # first step of the semi phase
+    rampup_steps = epochs_to_steps(args.semi_rampup, args.epochs, spe)
     lab_iter = unl_iter = None
     if args.workers > 0:
         # Loader workers share the trainer's heap copy-on-write. A full garbage collection (in a
@@ -377,10 +380,13 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                                                          dist.rank, dist.world),
                                 collate_labeled, args.workers, pin))
         if semi and max(start_step, semi_from) < total_steps:
+            from data.sampling import organ_slice_ranges
+
             unl_ds = SliceDataset(vols["unlabeled"], config, view=args.view, slices=args.slices,
                                   block=args.blocksize, samples_per_epoch=spe * 2 * ub * dist.world,
                                   seed=args.seed + 7919, fg_prob=0.0, flips=args.flip, rot90=args.weak_rot90,
-                                  labeled=False)
+                                  labeled=False,
+                                  slice_ranges=organ_slice_ranges(vols["labeled"], args.view))
             unl_iter = iter(_loader(unl_ds, StepBatchSampler(max(start_step, semi_from), total_steps,
                                                              2 * ub, dist.rank, dist.world),
                                     collate_unlabeled, args.workers, pin))
@@ -399,6 +405,8 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
     def seconds() -> float:
         return elapsed_before + time.time() - t_start
 
+    served = "student"  # which weights resu_best holds under "model" (the better on validation)
+
     def save(kind: str, pending: bool = False) -> None:
         semi_state = {"thresholds": thresholds.state_dict()} if thresholds is not None else None
         payload = checkpoint_payload(model, model_args, config, args, epoch=step // spe, step=step,
@@ -406,12 +414,18 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                                      scaler=scaler if scaler.is_enabled() else None,
                                      ema=teacher, semi_state=semi_state)
         payload["args"]["world"] = dist.world
+        payload["served"] = "student"
+        if kind == "best" and served == "ema" and teacher is not None:
+            # segment.py serves "model": the EMA weights won; the student's stay for a resume from here
+            payload["student_model"] = payload["model"]
+            payload["model"] = teacher.module.state_dict()
+            payload["served"] = "ema"
         payload["loop"] = {"meter": meter.state_dict(), "pending_end": pending, "elapsed_s": seconds()}
         save_checkpoint(payload, out / (best_name(args.view) if kind == "best" else last_name(args.view)))
 
     def finish_epoch(final: bool) -> None:
         """History row, validation when due, best/last checkpoints (at ``step``)."""
-        nonlocal best_score, last_val, slices_seen, window_t0
+        nonlocal best_score, last_val, slices_seen, window_t0, served
         epoch = math.ceil(step / spe)
         row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": args.lr * factor_at(max(step - 1, 0)),
                                "time_s": round(seconds(), 1),
@@ -428,12 +442,20 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                 last_val = validate(net, vols["validation"], config, args.view, args.slices, device,
                                     amp_dtype, batch=args.val_batch, dist=dist)
                 row.update({f"val/{k}": v for k, v in last_val.items()})
-                score = last_val["score"]
+                score, candidate = last_val["score"], "student"
+                if teacher is not None:
+                    # the mean teacher is often the better model: validated beside the student, and
+                    # the better of the two on validation is what resu_best serves
+                    ema_val = validate(teacher.module, vols["validation"], config, args.view, args.slices,
+                                       device, amp_dtype, batch=args.val_batch, dist=dist)
+                    row.update({f"val_ema/{k}": v for k, v in ema_val.items()})
+                    if ema_val["score"] > score:
+                        score, candidate = ema_val["score"], "ema"
             else:
-                score = -row.get("loss", 0.0)
+                score, candidate = -row.get("loss", 0.0), "student"
             improved = score > best_score
             if improved:
-                best_score = score
+                best_score, served = score, candidate
             if dist.is_main:
                 if improved:
                     save("best")
@@ -464,13 +486,15 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                 losses = semi_step(train_model, teacher, batch, unl_a, unl_b, loss_fn,
                                    thresholds.value(step / total_steps), semi_cfg, gen,
                                    amp_dtype=amp_dtype,
-                                   unsup_scale=rampup(step - semi_from, args.semi_rampup * spe))
+                                   unsup_scale=rampup(step - semi_from, rampup_steps))
                 slices_seen += batch.image.shape[0] + unl.image.shape[0]
             else:
                 losses = supervised_step(train_model, batch, loss_fn, amp_dtype)
                 slices_seen += batch.image.shape[0]
             loss = losses["loss"]
-            if not torch.isfinite(loss):
+            # fp16: an overflow gives inf/NaN gradients, and the GradScaler skips that step and lowers
+            # its scale; only without a scaler does a non-finite loss end the run
+            if not scaler.is_enabled() and not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; try --amp none "
                                          "or a lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -517,6 +541,16 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
     if dist.is_main:
         write_json(out / f"train_summary_{args.view}.json", summary)
     return summary
+
+
+def epochs_to_steps(value: float, epochs: int, steps_per_epoch: int) -> int:
+    """``--semi-warmup`` / ``--semi-rampup`` in steps: a fraction of training (< 1) or epochs (>= 1)."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise InputError(None, f"--semi-warmup / --semi-rampup must be >= 0, got {value}")
+    if value < 1:
+        return int(round(value * epochs * steps_per_epoch))
+    return int(round(value * steps_per_epoch))
 
 
 def _check_out_folder(out: Path) -> None:

@@ -15,6 +15,7 @@ from models import build_model
 BASE_COLUMNS = ["epoch", "step", "lr", "time_s", "slices_per_s", "loss", "loss_x"]
 SEMI_COLUMNS = ["loss_fp", "loss_s1", "loss_s2", "mask_ratio", "conf_mean", "threshold"]
 VAL_COLUMNS = ["val/KiTS/kidney", "val/LiTS/liver", "val/MSDSpleen/spleen", "val/score"]
+EMA_COLUMNS = [c.replace("val/", "val_ema/") for c in VAL_COLUMNS]
 
 
 def _rows(path):
@@ -44,12 +45,22 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
     columns, rows = _rows(out / "history_axial.csv")
-    want = BASE_COLUMNS + (SEMI_COLUMNS if kind == "semi" else []) + VAL_COLUMNS
+    want = BASE_COLUMNS + (SEMI_COLUMNS + VAL_COLUMNS + EMA_COLUMNS if kind == "semi" else VAL_COLUMNS)
     assert columns == want
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     scores = [float(r["val/score"]) for r in rows]
-    assert last["best_score"] == pytest.approx(max(scores), abs=1e-6)  # CSV keeps 6 digits
+    # the EMA teacher is validated beside the student; the best checkpoint serves the better of the two
+    both = scores + ([float(r["val_ema/score"]) for r in rows] if kind == "semi" else [])
+    assert last["best_score"] == pytest.approx(max(both), abs=1e-6)  # CSV keeps 6 digits
+    assert last["served"] == "student"
+    if best["served"] == "ema":
+        assert kind == "semi"
+        for k, v in best["ema"]["model"].items():
+            assert torch.equal(best["model"][k], v)
+        assert set(best["student_model"]) == set(best["model"])
+    else:
+        assert best["served"] == "student" and "student_model" not in best
 
     summary = json.loads((out / "train_summary_axial.json").read_text())
     assert summary["stop"] == "done" and summary["steps"] == summary["total_steps"] == 4
