@@ -1,48 +1,37 @@
 """Ablation on phantoms: naive loss vs target adaptive loss (TAL) vs TAL + semi-supervision.
 
-    python -m bench.ablation --out DIR [--quick] [--steps 540] [--epochs 12] [--scarce 2]
-                             [--plentiful 6] [--unlabeled 6] [--semi-variants] [--device auto]
-                             [--settings scarce,plentiful] [--variants naive,tal,tal+semi]
-                             [--train-seeds 0,1,2] [--final-args "..."] [--reuse]
+    python -m bench.ablation --out DIR [--quick] [--labeled 1,2,4] [--train-seeds 0,1,2]
+                             [--variants naive,tal,tal+semi] [--extra 2:tal+semi/head] [--steps 360]
+                             [--unlabeled 10] [--semi-variants] [--device auto] [--reuse]
+    python -m bench.ablation --out DIR --merge DIR1 DIR2 ...   # one report from several ablation folders
 
 What it does (everything under ``DIR``):
 
 1. Synthesizes phantoms once (``data.phantom.synthesize``) into ``DIR/phantoms``: the partial datasets
-   LiTS (liver), KiTS (kidney), MSDSpleen (spleen) with ``--plentiful`` labeled, ``--val`` validation
-   and ``--unlabeled`` unlabeled cases each, and ``--held-out`` BTCV validation cases, which label all
-   three organs. A rerun with the same settings reuses them.
-2. Resamples the partial datasets in-plane once (``data.resample.resample_tree``) to
-   ``DIR/resampled``.
-3. Makes one training root per setting under ``DIR/train_data`` of symlinks into ``DIR/resampled``:
-   ``scarce`` keeps the first ``--scarce`` labeled volumes of each dataset, ``plentiful`` the first
-   ``--plentiful``; both keep every validation and unlabeled volume. No fully labeled data is trained
-   on. One slice cache (``DIR/cache``) serves every run (its key is the resolved file).
-4. Trains every variant of every setting with ``python Final.py ...`` (what a user runs), same seed
-   and same number of labeled steps for all: ``naive`` (``--loss naive --no-semi``), ``tal``
-   (``--loss tal --no-semi``), ``tal+semi`` (``--semi --pseudo merged --teacher ema``, Final.py's
-   defaults, with a third of the epochs supervised first: pseudo-labels of an untrained model are
-   noise). ``--semi-variants`` adds ``tal+semi/full`` (``--pseudo full``), ``tal+semi/self``
-   (``--teacher self``, UniMatch as the original) and ``tal+semi/full+self`` (both) on the scarce
-   setting. Semi runs see ``2 x --unlabeled-batch`` unlabeled slices per step on top.
-5. Segments each held-out BTCV volume on its original grid with the run's best checkpoint
-   (``inference.segment.segment_volume``; selected on the partial datasets' validation volumes) and
-   scores Dice per organ (``utils.metrics.dice``) against the BTCV labels mapped by the config; the
-   last checkpoint (same number of labeled steps in every run) is scored too, in its own column.
+   LiTS (liver), KiTS (kidney), MSDSpleen (spleen) with ``max(--labeled)`` labeled, ``--val``
+   validation and ``--unlabeled`` unlabeled cases each, and ``--held-out`` BTCV validation cases, which
+   label all three organs. A rerun with the same settings reuses them.
+2. Resamples the partial datasets in-plane once (``data.resample.resample_tree``) to ``DIR/resampled``.
+3. Makes one training root per labeled count ``n`` under ``DIR/train_data`` of symlinks into
+   ``DIR/resampled``, keeping the first ``n`` labeled volumes of each dataset and every validation and
+   unlabeled volume. No fully labeled data is trained on. One slice cache serves every run.
+4. Trains every variant for every labeled count and training seed with ``python Final.py ...`` (what a
+   user runs), the same number of labeled steps for all: ``naive`` (``--loss naive --no-semi``), ``tal``
+   (``--loss tal --no-semi``), ``tal+semi`` (``--semi``: Final.py's defaults, nothing else), and the
+   ``--extra`` runs (default: ``tal+semi/head``, head-level feature perturbation, at 2 labeled).
+   Variants in ``--single-seed`` (default ``naive``, the known failure) run with the first seed only.
+5. Segments each held-out BTCV volume on its original grid with the run's best checkpoint (selected on
+   the partial datasets' validation volumes: what a user ships) and its last one, and scores Dice.
 
-Writes ``DIR/ablation.json`` (settings, machine, every run's command, times, per-case and mean Dice)
-and ``DIR/ablation.md`` (setting x variant x organ Dice + mean), after every run, and prints the table.
-Training logs go to ``DIR/runs/<setting>_<variant>/train.log``.
-
-Budget (2 cores, quiet machine, CPU preset): a supervised step takes ~0.25 s, a semi step ~0.65 s,
-so the default 6 runs of 540 labeled steps take ~2 x 540 x (0.25 + 0.25 + (0.25 + 2 x 0.65) / 3)
-~ 18 min of steps, plus ~3 min of phantoms (~10 s), caching, validation (12 per run) and evaluation
-(~2 s per run): ~21 min. ``--semi-variants`` adds three semi runs, ~15 min. ``--quick`` (tiny phantoms
-and network, 6 runs of 6 steps) takes ~30 s. Other processes on the machine slow all of it down.
+Writes ``DIR/ablation.json`` (settings, machine, every run's command, times, per-case and mean Dice),
+``DIR/ablation.md`` (the table, the per-seed pairs TAL+semi vs TAL, organ losses) and
+``DIR/ablation.png`` (mean Dice vs labeled volumes per dataset, TAL vs TAL+semi, error bars = sd over
+seeds) after every run. Training logs go to ``DIR/runs/<setting>_<variant>[_seedN]/train.log``.
+``--merge`` writes the same report from the runs of several ablation folders (e.g. two halves of the
+seeds run side by side with ``--threads 1`` each).
 
 Short CPU runs are noisy: the same command on 1 or 2 threads can differ by 0.05 mean Dice. A
-difference between two variants means something only across seeds: ``--train-seeds 0,1,2`` repeats
-every run per training seed (same phantoms) and reports mean ± standard deviation; with ``--reuse``
-the runs of seed ``--seed`` already in ``DIR`` are kept.
+difference between two variants means something only across seeds, paired by seed.
 """
 
 from __future__ import annotations
@@ -64,6 +53,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.ablation_report import format_table, merge_reports, write_report  # noqa: E402
 from utils.errors import InputError, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,18 +61,19 @@ PARTIAL = ("LiTS", "KiTS", "MSDSpleen")
 HELD_OUT = "BTCV"
 VIEW = "axial"
 
-# Final.py arguments of each variant (the semi ones also get --semi-warmup).
+# Final.py arguments of each variant. "tal+semi" is Final.py's default semi-supervised module: no flag
+# that only the ablation passes (warm-up, ramp-up, teacher and pseudo-labels are the defaults).
 VARIANTS: dict[str, list[str]] = {
     "naive": ["--loss", "naive", "--no-semi"],
     "tal": ["--loss", "tal", "--no-semi"],
-    "tal+semi": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "ema"],
+    "tal+semi": ["--loss", "tal", "--semi"],
 }
 SEMI_VARIANTS: dict[str, list[str]] = {
-    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "ema"],
-    "tal+semi/self": ["--loss", "tal", "--semi", "--pseudo", "merged", "--teacher", "self"],
+    "tal+semi/head": ["--loss", "tal", "--semi", "--fp", "head"],
+    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full"],
+    "tal+semi/self": ["--loss", "tal", "--semi", "--teacher", "self"],
     "tal+semi/full+self": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
 }
-SETTINGS = ("scarce", "plentiful")
 SYNTH_STAMP = ".ablation_synth.json"
 RESAMPLE_STAMP = ".ablation_resampled.json"
 RUN_STAMP = "ablation_command.json"
@@ -94,14 +85,16 @@ class Options:
 
     Attributes:
         out: output folder.
-        scarce / plentiful: labeled volumes per partial dataset in the two settings.
+        labeled: labeled volumes per partial dataset, one setting each.
         unlabeled / val: unlabeled and validation volumes per partial dataset.
         held_out: BTCV volumes scored.
         scale: phantom in-plane size factor (0.5: 256x256 originals).
         steps / epochs: labeled steps of every run, split into this many epochs (validation each).
         inplane / width / blocksize / batch / unlabeled_batch / workers: the Final.py preset.
-        settings / variants: what to train (any variant name, semi ones included); semi_variants adds
-            the other three semi variants (scarce only).
+        variants: what to train for every labeled count (any variant name, semi ones included).
+        extra: ``"n:variant"`` runs added (every seed); semi_variants adds the other semi variants at
+            the smallest labeled count.
+        single_seed: variants run with the first training seed only.
         seed, device, threads: seed of the phantoms (and of training); device; threads per process.
         train_seeds: training seeds, each run repeated once per seed (default: ``seed`` only); the
             table then gives the mean and standard deviation over seeds.
@@ -113,25 +106,25 @@ class Options:
     """
 
     out: str
-    scarce: int = 2
-    plentiful: int = 6
-    unlabeled: int = 6
+    labeled: list[int] = field(default_factory=lambda: [1, 2, 4])
+    unlabeled: int = 10
     val: int = 2
     held_out: int = 4
     scale: float = 0.5
-    steps: int = 540
+    steps: int = 360
     epochs: int = 12
-    inplane: int = 128
+    inplane: int = 96
     width: int = 16
-    blocksize: int = 128
+    blocksize: int = 96
     batch: int = 8
     unlabeled_batch: int = 4
     workers: int = 1
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    extra: list[str] = field(default_factory=lambda: ["2:tal+semi/head"])
+    single_seed: list[str] = field(default_factory=lambda: ["naive"])
     semi_variants: bool = False
     seed: int = 0
-    train_seeds: list[int] = field(default_factory=list)
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "auto"
     threads: int = 2
     final_args: str = ""
@@ -147,20 +140,32 @@ class Options:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.steps / self.epochs))
 
-    @property
-    def semi_warmup(self) -> int:
-        return self.epochs // 3
 
-
-QUICK = {"scarce": 1, "plentiful": 2, "unlabeled": 1, "val": 1, "held_out": 1, "scale": 0.125,
+QUICK = {"labeled": [1, 2], "unlabeled": 1, "val": 1, "held_out": 1, "scale": 0.125,
          "steps": 6, "epochs": 3, "inplane": 32, "width": 4, "blocksize": 32, "batch": 2,
-         "unlabeled_batch": 2, "workers": 0}
+         "unlabeled_batch": 2, "workers": 0, "train_seeds": [0], "extra": []}
+
+
+def setting_name(n: int) -> str:
+    """Name of the setting with ``n`` labeled volumes per dataset (run folders, tables)."""
+    return f"{n}lab"
+
+
+def _extra_pairs(o: Options) -> list[tuple[int, str]]:
+    pairs = []
+    for item in o.extra:
+        n, _, variant = item.partition(":")
+        try:
+            pairs.append((int(n), variant))
+        except ValueError:
+            raise InputError(None, f"--extra takes n:variant items, got {item!r}") from None
+    return pairs
 
 
 def check_options(o: Options) -> None:
     """Raise InputError on settings that cannot work (before anything is written)."""
-    if o.scarce < 1 or o.plentiful < o.scarce:
-        raise InputError(None, f"need 1 <= --scarce <= --plentiful, got {o.scarce} and {o.plentiful}")
+    if not o.labeled or min(o.labeled) < 1 or len(set(o.labeled)) != len(o.labeled):
+        raise InputError(None, f"--labeled needs distinct counts >= 1, got {o.labeled}")
     for flag, v in (("--unlabeled", o.unlabeled), ("--val", o.val), ("--held-out", o.held_out),
                     ("--steps", o.steps), ("--epochs", o.epochs), ("--batch", o.batch),
                     ("--unlabeled-batch", o.unlabeled_batch)):
@@ -170,15 +175,17 @@ def check_options(o: Options) -> None:
         raise InputError(None, f"--inplane {o.inplane} and --blocksize {o.blocksize} must be multiples "
                          "of 16 with blocksize <= inplane")
     known = {**VARIANTS, **SEMI_VARIANTS}
-    bad = [s for s in o.settings if s not in SETTINGS] + [v for v in o.variants if v not in known]
-    if bad or not o.settings or not o.variants:
-        raise InputError(None, f"unknown or empty settings/variants {bad} (settings {SETTINGS}, "
-                         f"variants {tuple(known)})")
+    extra = _extra_pairs(o)
+    bad = [v for v in o.variants if v not in known] + [v for _, v in extra if v not in known]
+    bad += [f"{n}:{v}" for n, v in extra if n not in o.labeled]
+    if bad or not o.variants:
+        raise InputError(None, f"unknown or empty variants {bad} (variants {tuple(known)}; --extra counts "
+                         f"must be among --labeled {o.labeled})")
     if len(set(o.seeds)) != len(o.seeds):
         raise InputError(None, f"--train-seeds has duplicates: {o.seeds}")
     if o.checkpoint not in ("best", "last"):
         raise InputError(None, f"--checkpoint must be best or last, got {o.checkpoint!r}")
-    semi = any("--semi" in known[v] for v in o.variants) or o.semi_variants
+    semi = any("--semi" in known[v] for v in [*o.variants, *(v for _, v in extra)]) or o.semi_variants
     if semi and o.unlabeled < 1:
         raise InputError(None, "semi-supervised variants need --unlabeled >= 1")
 
@@ -188,7 +195,7 @@ def check_options(o: Options) -> None:
 
 
 def _synth_settings(o: Options) -> dict[str, Any]:
-    return {"seed": o.seed, "scale": o.scale, "cases": o.plentiful, "unlabeled": o.unlabeled,
+    return {"seed": o.seed, "scale": o.scale, "cases": max(o.labeled), "unlabeled": o.unlabeled,
             "val": o.val, "held_out": o.held_out}
 
 
@@ -211,7 +218,7 @@ def prepare_phantoms(o: Options, log=print) -> Path:
         return raw
     stamp.unlink(missing_ok=True)
     t0 = time.time()
-    synthesize(raw, cases=o.plentiful, unlabeled=o.unlabeled, val=o.val, seed=o.seed, datasets=PARTIAL,
+    synthesize(raw, cases=max(o.labeled), unlabeled=o.unlabeled, val=o.val, seed=o.seed, datasets=PARTIAL,
                scale=o.scale, log=lambda line: log("  " + line))
     synthesize(raw, cases=0, unlabeled=0, val=o.held_out, seed=o.seed, datasets=[HELD_OUT], scale=o.scale,
                log=lambda line: log("  " + line))
@@ -310,17 +317,23 @@ def held_out_cases(raw: Path) -> list[Any]:
 # Runs
 
 
-def plan_runs(o: Options) -> list[tuple[str, str, int]]:
-    """``(setting, variant, training seed)`` triples in run order (every seed of a pair together)."""
-    pairs = [(s, v) for s in o.settings for v in o.variants]
-    if o.semi_variants and "scarce" in o.settings:
-        pairs += [("scarce", v) for v in SEMI_VARIANTS if ("scarce", v) not in pairs]
-    return [(s, v, t) for s, v in pairs for t in o.seeds]
+def plan_runs(o: Options) -> list[tuple[int, str, int]]:
+    """``(labeled count, variant, training seed)`` triples in run order.
+
+    Seed by seed (all settings and variants of one seed before the next), so that an interrupted
+    ablation already holds complete pairs.
+    """
+    pairs = [(n, v) for n in o.labeled for v in o.variants]
+    pairs += [p for p in _extra_pairs(o) if p not in pairs]
+    if o.semi_variants:
+        pairs += [(min(o.labeled), v) for v in SEMI_VARIANTS if (min(o.labeled), v) not in pairs]
+    seeds = o.seeds
+    return [(n, v, t) for t in seeds for n, v in pairs if t == seeds[0] or v not in o.single_seed]
 
 
-def run_name(o: Options, setting: str, variant: str, seed: int) -> str:
+def run_name(o: Options, labeled: int, variant: str, seed: int) -> str:
     """Folder name of a run under ``DIR/runs`` (the phantom seed's run keeps the plain name)."""
-    name = f"{setting}_{variant.replace('+', '_').replace('/', '_')}"
+    name = f"{setting_name(labeled)}_{variant.replace('+', '_').replace('/', '_')}"
     return name if seed == o.seed else f"{name}_seed{seed}"
 
 
@@ -353,8 +366,6 @@ def train_command(o: Options, data_root: Path, cache: Path, out: Path, variant: 
            "--unlabeled-batchsize", str(o.unlabeled_batch),
            "--schedule", "poly", "--workers", str(o.workers), "--device", o.device,
            "--epochs", str(o.epochs), "--steps-per-epoch", str(o.steps_per_epoch), *args]
-    if "--semi" in args:
-        cmd += ["--semi-warmup", str(o.semi_warmup)]
     return cmd + shlex.split(o.final_args)
 
 
@@ -476,109 +487,6 @@ def evaluate(run_dir: Path, cases: list[Any], device: str, batch: int = 16,
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables
-
-
-def _label(setting: str, result: dict[str, Any]) -> str:
-    n = result.get("labeled_per_dataset")
-    return f"{setting} ({n} labeled/dataset)" if n is not None else setting
-
-
-def _stat(values: list[float]) -> str:
-    """``0.812`` for one value, ``0.812 ± 0.031`` (sample sd) for several."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.3f} ± {sd:.3f}"
-
-
-def format_table(results: list[dict[str, Any]], organs: list[str]) -> str:
-    """Markdown table: one row per (setting, variant), Dice per organ and their mean.
-
-    Runs of the same setting and variant with several training seeds share a row: Dice as mean ± sample
-    standard deviation over the seeds, checkpoint steps listed, train time summed. A failed run gets
-    its own row.
-
-    Args:
-        results: run records (``setting``, ``variant``, ``labeled_per_dataset``, ``dice``, ``mean``,
-            ``checkpoint_step``, optional ``other`` (the other checkpoint's score), ``seed``,
-            ``train_s``, or ``error``).
-        organs: organ column order.
-
-    Returns:
-        Markdown text (header + rows).
-    """
-    others = [r["other"]["checkpoint"] for r in results if "other" in r]
-    seeded = len({r.get("seed") for r in results}) > 1
-    head = ["setting", "variant", *organs, "mean", "checkpoint step"]
-    if others:
-        head.append(f"mean, {others[0]} checkpoint (step)")
-    if seeded:
-        head.append("seeds")
-    head.append("train time")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    rows: list[list[dict[str, Any]]] = []
-    for r in results:
-        if "error" in r:
-            rows.append([r])
-            continue
-        key = (r["setting"], r["variant"])
-        if key not in groups:
-            groups[key] = []
-            rows.append(groups[key])
-        groups[key].append(r)
-    for group in rows:
-        first = group[0]
-        if "error" in first:
-            cells = ["failed: " + str(first["error"]).replace("|", "/")[:120]] + [""] * (len(head) - 4)
-        else:
-            cells = [_stat([r["dice"].get(o, float("nan")) for r in group]) for o in organs]
-            cells += [_stat([r["mean"] for r in group]),
-                      ", ".join(str(r.get("checkpoint_step")) for r in group)]
-            if others:
-                alts = [r["other"] for r in group if "other" in r]
-                cells.append(f"{_stat([a['mean'] for a in alts])} "
-                             f"({', '.join(str(a.get('checkpoint_step')) for a in alts)})" if alts else "n/a")
-            if seeded:
-                cells.append(", ".join(str(r.get("seed")) for r in group))
-        times = [r.get("train_s") for r in group]
-        t = None if any(x is None for x in times) else sum(times)
-        cells.append("n/a" if t is None else f"{t:.0f} s" if t < 100 else f"{t / 60:.1f} min")
-        lines.append("| " + " | ".join([_label(first["setting"], first), first["variant"], *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """``ablation.md``: what was trained, on what, and the Dice table."""
-    o = report["options"]
-    organs = report.get("organs", ["liver", "kidney", "spleen"])
-    m = report.get("machine", {})
-    lines = [
-        "# UniMOS ablation on phantoms" + (" (--quick)" if report.get("quick") else ""), "",
-        f"Trained on the partial datasets {', '.join(PARTIAL)} only ({o['plentiful']} labeled phantoms "
-        f"per dataset in the plentiful setting, {o['scarce']} in the scarce one; {o['unlabeled']} "
-        f"unlabeled and {o['val']} validation per dataset in both); Dice on {o['held_out']} held-out "
-        f"fully labeled {HELD_OUT} phantoms, segmented on their original grids with the "
-        + ("best checkpoint (chosen on the partial datasets' validation volumes)"
-           if o.get("checkpoint", "best") == "best" else "last checkpoint") + ".", "",
-        f"Every run: `Final.py` {o['steps_per_epoch'] * o['epochs']} labeled steps ({o['epochs']} epochs x "
-        f"{o['steps_per_epoch']}), batch {o['batch']}, width {o['width']}, {o['inplane']}x{o['inplane']} "
-        f"in-plane, {o['blocksize']} crops, seed {o['seed']}; semi runs add 2 x {o['unlabeled_batch']} "
-        f"unlabeled slices per step after {o['semi_warmup']} supervised epochs.", "",
-        format_table(report["runs"], organs),
-        f"Semi-supervision starts at step {o['semi_warmup'] * o['steps_per_epoch']}: a semi run whose scored "
-        "checkpoint is not past that step is a purely supervised model.", "",
-        f"Machine: {m.get('cpu_model', 'n/a')}, {m.get('cores', 'n/a')} cores, GPU "
-        f"{', '.join(m.get('gpus') or []) or 'none'}, torch {m.get('torch', 'n/a')}; load average "
-        f"(1 min) {report.get('load_avg_start')} at start, {report.get('load_avg_end')} at the end; "
-        f"total {report.get('seconds', 0) / 60:.1f} min.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -598,7 +506,6 @@ def run_ablation(o: Options, log=print) -> dict[str, Any]:
     import torch
 
     from bench.run import machine_info
-    from utils.fileio import write_json_atomic, write_text_atomic
 
     check_options(o)
     out = Path(o.out)
@@ -608,31 +515,29 @@ def run_ablation(o: Options, log=print) -> dict[str, Any]:
     torch.set_num_threads(o.threads)
     t_all = time.time()
     report: dict[str, Any] = {
-        "options": {**asdict(o), "steps_per_epoch": o.steps_per_epoch, "semi_warmup": o.semi_warmup},
+        "options": {**asdict(o), "steps_per_epoch": o.steps_per_epoch},
         "quick": o.quick, "machine": machine_info(), "load_avg_start": _load1(), "runs": []}
     raw = prepare_phantoms(o, log)
     res = resample_partial(o, raw, log)
     cases = held_out_cases(raw)
     roots, counts = {}, {}
-    for s in o.settings:
-        roots[s] = out / "train_data" / s
-        counts[s] = make_training_root(res, roots[s], o.scarce if s == "scarce" else o.plentiful)
+    for n in o.labeled:
+        roots[n] = out / "train_data" / setting_name(n)
+        counts[setting_name(n)] = make_training_root(res, roots[n], n)
     report["data"] = {"counts": counts, "held_out": [c.case_id for c in cases]}
 
     def save() -> None:
         report["load_avg_end"] = _load1()
         report["seconds"] = round(time.time() - t_all, 1)
-        write_json_atomic(out / "ablation.json", report)
-        write_text_atomic(out / "ablation.md", format_markdown(report))
+        write_report(out, report)
 
     plan = plan_runs(o)
-    for i, (setting, variant, seed) in enumerate(plan, 1):
-        run_dir = out / "runs" / run_name(o, setting, variant, seed)
-        log(f"[{i}/{len(plan)}] {setting} / {variant} / seed {seed} (load average {_load1()})")
-        cmd = train_command(o, roots[setting], out / "cache", run_dir, variant, seed)
-        rec: dict[str, Any] = {"setting": setting, "variant": variant, "seed": seed,
-                               "labeled_per_dataset": o.scarce if setting == "scarce" else o.plentiful,
-                               "command": cmd[1:], "run_dir": str(run_dir)}
+    for i, (labeled, variant, seed) in enumerate(plan, 1):
+        run_dir = out / "runs" / run_name(o, labeled, variant, seed)
+        log(f"[{i}/{len(plan)}] {labeled} labeled / {variant} / seed {seed} (load average {_load1()})")
+        cmd = train_command(o, roots[labeled], out / "cache", run_dir, variant, seed)
+        rec: dict[str, Any] = {"setting": setting_name(labeled), "variant": variant, "seed": seed,
+                               "labeled_per_dataset": labeled, "command": cmd[1:], "run_dir": str(run_dir)}
         tr = train(cmd, run_dir, o.threads, o.reuse, log)
         summary = tr["summary"] or {}
         rec.update({"returncode": tr["returncode"], "wall_s": tr["wall_s"], "reused": tr["reused"],
@@ -680,10 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"labeled steps per run (default {d.steps})")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (validations) per run (default {d.epochs})")
-    p.add_argument("--scarce", type=int, default=None,
-                   help=f"labeled volumes per dataset, scarce setting (default {d.scarce})")
-    p.add_argument("--plentiful", type=int, default=None,
-                   help=f"labeled volumes per dataset, plentiful setting (default {d.plentiful})")
+    p.add_argument("--labeled", default=None,
+                   help=f"comma-separated labeled volumes per dataset, one setting each "
+                        f"(default {','.join(map(str, d.labeled))})")
     p.add_argument("--unlabeled", type=int, default=None,
                    help=f"unlabeled volumes per dataset ({d.unlabeled})")
     p.add_argument("--val", type=int, default=None, help=f"validation volumes per dataset ({d.val})")
@@ -695,13 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help=f"labeled batch ({d.batch})")
     p.add_argument("--unlabeled-batch", type=int, default=None, help=f"unlabeled batch ({d.unlabeled_batch})")
     p.add_argument("--workers", type=int, default=None, help=f"loader workers per run ({d.workers})")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--extra", default=None,
+                   help=f"comma-separated n:variant runs added (default {','.join(d.extra)}; '' for none)")
+    p.add_argument("--single-seed", default=",".join(d.single_seed),
+                   help="comma-separated variants run with the first training seed only")
     p.add_argument("--semi-variants", action="store_true",
-                   help="also --pseudo full and --teacher ema on the scarce setting (+2 semi runs)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the phantoms and of training")
-    p.add_argument("--train-seeds", default="",
-                   help="comma-separated training seeds: every run repeated per seed, table of mean +- sd")
+                   help="also the other semi variants (pseudo full, self teacher) at the smallest count")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the phantoms")
+    p.add_argument("--train-seeds", default=None,
+                   help="comma-separated training seeds: every run repeated per seed, table of mean +- sd "
+                        f"(default {','.join(map(str, d.train_seeds))})")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="write one report into --out from the runs of these ablation folders, train nothing")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
     p.add_argument("--threads", type=int, default=d.threads, help="threads per process")
     p.add_argument("--final-args", default="", help="extra Final.py arguments for every run, quoted")
@@ -718,25 +628,40 @@ def options_from_args(a: argparse.Namespace) -> Options:
     if a.quick:
         for k, v in QUICK.items():
             setattr(o, k, v)
-    for k in ("steps", "epochs", "scarce", "plentiful", "unlabeled", "val", "held_out", "scale", "inplane",
+    for k in ("steps", "epochs", "unlabeled", "val", "held_out", "scale", "inplane",
               "width", "blocksize", "batch", "unlabeled_batch", "workers"):
         v = getattr(a, k)
         if v is not None:
             setattr(o, k, v)
-    o.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
-    o.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+
+    def items(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    def ints(flag: str, text: str) -> list[int]:
+        try:
+            return [int(t) for t in items(text)]
+        except ValueError:
+            raise InputError(None, f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    if a.labeled is not None:
+        o.labeled = ints("--labeled", a.labeled)
+    if a.train_seeds is not None:
+        o.train_seeds = ints("--train-seeds", a.train_seeds)
+    if a.extra is not None:
+        o.extra = items(a.extra)
+    o.variants, o.single_seed = items(a.variants), items(a.single_seed)
     o.semi_variants, o.seed, o.device, o.threads = a.semi_variants, a.seed, a.device, a.threads
-    try:
-        o.train_seeds = [int(t) for t in a.train_seeds.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(None, "--train-seeds must be comma-separated integers, "
-                         f"got {a.train_seeds!r}") from None
     o.final_args, o.reuse, o.checkpoint = a.final_args, a.reuse, a.checkpoint
     return o
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.merge:
+        report = merge_reports([Path(d) for d in a.merge], Path(a.out))
+        print(format_table(report["runs"], report.get("organs", ["liver", "kidney", "spleen"])))
+        print(f"wrote {Path(a.out) / 'ablation.md'} from {len(report['runs'])} runs")
+        return 0
     o = options_from_args(a)
     report = run_ablation(o)
     report_md = Path(o.out) / "ablation.md"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def _options(**kw) -> ablation.Options:
 
 def test_ablation_commands_share_steps_and_seed():
     o = _options(steps=600, epochs=12)
-    assert (o.steps_per_epoch, o.semi_warmup) == (50, 4)
+    assert o.steps_per_epoch == 50
     cmds = {v: ablation.train_command(o, Path("/d"), Path("/c"), Path("/o"), v)
             for v in [*ablation.VARIANTS, *ablation.SEMI_VARIANTS]}
     for v, cmd in cmds.items():
@@ -93,51 +94,52 @@ def test_ablation_commands_share_steps_and_seed():
         assert "--channels-last" not in cmd  # Final.py's default: on CUDA only
         assert cmd[cmd.index("--datasets") + 1] == "LiTS,KiTS,MSDSpleen"
         semi = "--semi" in cmd
-        assert semi == v.startswith("tal+semi")
-        assert ("--semi-warmup" in cmd) == semi and ("--no-semi" in cmd) == (not semi)
-        if semi:
-            assert cmd[cmd.index("--semi-warmup") + 1] == "4"
+        assert semi == v.startswith("tal+semi") and ("--no-semi" in cmd) == (not semi)
+        # the ablation measures Final.py's defaults: no warm-up/ramp-up flag only the benchmark passes
+        assert "--semi-warmup" not in cmd and "--semi-rampup" not in cmd
     assert cmds["naive"][cmds["naive"].index("--loss") + 1] == "naive"
+    assert cmds["tal+semi"] == cmds["tal"][:-1] + ["--semi"]
+    assert cmds["tal+semi/head"][cmds["tal+semi/head"].index("--fp") + 1] == "head"
     assert cmds["tal+semi/full"][cmds["tal+semi/full"].index("--pseudo") + 1] == "full"
-    assert cmds["tal+semi"][cmds["tal+semi"].index("--teacher") + 1] == "ema"
     assert cmds["tal+semi/self"][cmds["tal+semi/self"].index("--teacher") + 1] == "self"
 
 
 def test_ablation_plan_and_option_checks():
     from utils.errors import InputError
 
-    assert ablation.plan_runs(_options()) == [("scarce", "naive", 0), ("scarce", "tal", 0),
-                                              ("scarce", "tal+semi", 0), ("plentiful", "naive", 0),
-                                              ("plentiful", "tal", 0), ("plentiful", "tal+semi", 0)]
-    plan = ablation.plan_runs(_options(settings=["scarce"], variants=["tal"], semi_variants=True))
-    assert plan == [("scarce", "tal", 0), ("scarce", "tal+semi/full", 0), ("scarce", "tal+semi/self", 0),
-                    ("scarce", "tal+semi/full+self", 0)]
-    # semi variants by name, each repeated per training seed; the phantom seed's run keeps the plain name
-    o = _options(settings=["scarce"], variants=["tal", "tal+semi/self"], train_seeds=[0, 3])
+    o = _options(labeled=[1, 2], train_seeds=[0, 1], variants=["naive", "tal", "tal+semi"],
+                 extra=["2:tal+semi/head"])
     ablation.check_options(o)
-    assert ablation.plan_runs(o) == [("scarce", "tal", 0), ("scarce", "tal", 3),
-                                     ("scarce", "tal+semi/self", 0), ("scarce", "tal+semi/self", 3)]
-    assert ablation.run_name(o, "scarce", "tal+semi/self", 0) == "scarce_tal_semi_self"
-    assert ablation.run_name(o, "scarce", "tal+semi/self", 3) == "scarce_tal_semi_self_seed3"
+    plan = ablation.plan_runs(o)
+    # seed by seed; naive (single_seed) only with the first seed; the extra run with every seed
+    assert plan == [(1, "naive", 0), (1, "tal", 0), (1, "tal+semi", 0), (2, "naive", 0), (2, "tal", 0),
+                    (2, "tal+semi", 0), (2, "tal+semi/head", 0),
+                    (1, "tal", 1), (1, "tal+semi", 1), (2, "tal", 1), (2, "tal+semi", 1), (2, "tal+semi/head", 1)]
+    plan = ablation.plan_runs(_options(labeled=[2], variants=["tal"], extra=[], train_seeds=[0],
+                                       semi_variants=True))
+    assert plan == [(2, "tal", 0), (2, "tal+semi/head", 0), (2, "tal+semi/full", 0), (2, "tal+semi/self", 0),
+                    (2, "tal+semi/full+self", 0)]
+    o = _options(labeled=[2], variants=["tal"], train_seeds=[0, 3], extra=[])
+    assert ablation.run_name(o, 2, "tal+semi/self", 0) == "2lab_tal_semi_self"
+    assert ablation.run_name(o, 2, "tal+semi/self", 3) == "2lab_tal_semi_self_seed3"
     cmd = ablation.train_command(o, Path("d"), Path("c"), Path("r"), "tal", seed=3)
     assert cmd[cmd.index("--seed") + 1] == "3" and cmd.count("--seed") == 1
-    for bad in (dict(scarce=3, plentiful=2), dict(variants=["magic"]), dict(inplane=100),
-                dict(unlabeled=0), dict(checkpoint="first"), dict(train_seeds=[1, 1])):
+    for bad in (dict(labeled=[]), dict(labeled=[0, 1]), dict(labeled=[2, 2]), dict(variants=["magic"]),
+                dict(extra=["3:tal"]), dict(extra=["x:tal"]), dict(inplane=100), dict(unlabeled=0),
+                dict(checkpoint="first"), dict(train_seeds=[1, 1])):
         with pytest.raises(InputError):
             ablation.check_options(_options(**bad))
 
 
 def test_ablation_table_on_fake_results():
-    runs = [{"setting": "scarce", "variant": "tal", "labeled_per_dataset": 2, "checkpoint_step": 550,
-             "dice": {"liver": 0.91, "kidney": 0.8, "spleen": 0.7049}, "mean": 0.805, "train_s": 150.0},
-            {"setting": "plentiful", "variant": "naive", "labeled_per_dataset": 6, "train_s": None,
+    runs = [{"setting": "2lab", "variant": "tal", "labeled_per_dataset": 2, "checkpoint_step": 550,
+             "dice": {"liver": 0.91, "kidney": 0.8, "spleen": 0.705}, "mean": 0.805, "train_s": 150.0},
+            {"setting": "6lab", "variant": "naive", "labeled_per_dataset": 6, "train_s": None,
              "error": "Final.py exit code 1: boom | bad"}]
-    table = ablation.format_table(runs, ["liver", "kidney", "spleen"])
-    lines = table.splitlines()
-    assert lines[0] == "| setting | variant | liver | kidney | spleen | mean | checkpoint step | train time |"
-    assert lines[2] == "| scarce (2 labeled/dataset) | tal | 0.910 | 0.800 | 0.705 | 0.805 | 550 | 2.5 min |"
-    assert lines[3].startswith("| plentiful (6 labeled/dataset) | naive | failed: Final.py exit code 1: "
-                               "boom / bad")
+    lines = ablation.format_table(runs, ["liver", "kidney", "spleen"]).splitlines()
+    assert lines[0] == "| labels | variant | liver | kidney | spleen | mean | checkpoint step | train time |"
+    assert lines[2] == "| 2 labeled/dataset | tal | 0.910 | 0.800 | 0.705 | 0.805 | 550 | 2.5 min |"
+    assert lines[3].startswith("| 6 labeled/dataset | naive | failed: Final.py exit code 1: boom / bad")
     assert lines[3].count("|") == lines[0].count("|")
     # with the other checkpoint scored, one more column
     runs[0]["other"] = {"checkpoint": "last", "mean": 0.8123, "checkpoint_step": 600, "dice": {}}
@@ -147,20 +149,66 @@ def test_ablation_table_on_fake_results():
     assert lines[3].count("|") == lines[0].count("|")
 
 
-def test_ablation_table_groups_seeds():
-    def run(seed, mean, last):
-        return {"setting": "scarce", "variant": "tal", "labeled_per_dataset": 2, "seed": seed,
-                "checkpoint_step": 100 * seed, "dice": {"liver": mean, "kidney": mean, "spleen": mean},
-                "mean": mean, "other": {"checkpoint": "last", "mean": last, "checkpoint_step": 540},
-                "train_s": 60.0}
+def _run(variant, seed, mean, last, labeled=2, dice=None):
+    return {"setting": f"{labeled}lab", "variant": variant, "labeled_per_dataset": labeled, "seed": seed,
+            "checkpoint_step": 100 * seed, "dice": dice or {"liver": mean, "kidney": mean, "spleen": mean},
+            "mean": mean, "other": {"checkpoint": "last", "mean": last, "checkpoint_step": 540},
+            "train_s": 60.0}
 
-    lines = ablation.format_table([run(1, 0.8, 0.7), run(2, 0.9, 0.7)], ["liver", "kidney", "spleen"])
-    lines = lines.splitlines()
+
+def test_ablation_table_groups_seeds():
+    lines = ablation.format_table([_run("tal", 1, 0.8, 0.7), _run("tal", 2, 0.9, 0.7)],
+                                  ["liver", "kidney", "spleen"]).splitlines()
     assert lines[0].endswith("| mean, last checkpoint (step) | seeds | train time |")
     # mean 0.85, sample sd sqrt(0.005) = 0.0707; train time summed
-    assert lines[2] == ("| scarce (2 labeled/dataset) | tal | 0.850 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 "
+    assert lines[2] == ("| 2 labeled/dataset | tal | 0.850 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 "
                         "| 0.850 ± 0.071 | 100, 200 | 0.700 ± 0.000 (540, 540) | 1, 2 | 2.0 min |")
     assert len(lines) == 3
+
+
+def test_ablation_pairs_losses_and_figure(tmp_path):
+    from bench import ablation_report as rep
+
+    runs = [_run("tal", 0, 0.80, 0.75), _run("tal+semi", 0, 0.85, 0.80),
+            _run("tal", 1, 0.82, 0.70), _run("tal+semi", 1, 0.81, 0.78),
+            _run("tal", 0, 0.90, 0.90, labeled=4),
+            _run("tal+semi", 0, 0.70, 0.70, labeled=4, dice={"liver": 0.9, "kidney": 0.4, "spleen": 0.8}),
+            {"setting": "4lab", "variant": "tal+semi", "labeled_per_dataset": 4, "seed": 1, "error": "x"}]
+    pairs = rep.paired_differences(runs)
+    assert sorted(pairs) == [2, 4] and pairs[2]["seeds"] == [0, 1]
+    assert pairs[2]["best"] == pytest.approx([0.05, -0.01]) and pairs[2]["last"] == pytest.approx([0.05, 0.08])
+    # kidney 0.9 -> 0.4 on seed 0 at 4 labeled is a lost organ
+    assert rep.lost_organs(runs) == ["4 labeled, seed 0: kidney 0.900 -> 0.400"]
+    assert rep.curve_points(runs, "tal")[0] == pytest.approx((2, 0.81, math.sqrt(0.0002)))
+    png = rep.draw_figure(runs, tmp_path / "f.png")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (640, 400)
+        # both curves are drawn in their palette colours
+        colours = {c for _, c in im.getcolors(1 << 16)}
+        assert (31, 119, 180) in colours and (214, 39, 40) in colours
+    report = {"options": {**ablation.asdict(_options()), "steps_per_epoch": 30}, "runs": runs}
+    md = rep.format_markdown(report)
+    assert "| 2 labeled/dataset | best | +0.050, -0.010 | +0.020 ± 0.042 | 1 of 2 |" in md
+    assert "kidney 0.900 -> 0.400" in md
+
+
+def test_ablation_merge(tmp_path):
+    from bench import ablation_report as rep
+    from utils.errors import InputError
+
+    opts = {**ablation.asdict(_options()), "steps_per_epoch": 30}
+    for i, name in enumerate(("a", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ablation.json").write_text(json.dumps(
+            {"options": {**opts, "train_seeds": [i]}, "runs": [_run("tal", i, 0.8, 0.7)], "seconds": 5}))
+    merged = rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert [r["seed"] for r in merged["runs"]] == [0, 1] and merged["options"]["train_seeds"] == [0, 1]
+    assert (tmp_path / "m" / "ablation.md").is_file() and (tmp_path / "m" / "ablation.png").is_file()
+    (tmp_path / "b" / "ablation.json").write_text(json.dumps({"options": {**opts, "steps": 1}, "runs": []}))
+    with pytest.raises(InputError, match="steps"):
+        rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
 
 
 def test_training_root_keeps_first_labeled_cases(tmp_path):
@@ -187,7 +235,7 @@ def test_training_root_keeps_first_labeled_cases(tmp_path):
 def test_quick_ablation_end_to_end(tmp_path):
     """--quick: phantoms, resample, Final.py runs and held-out scoring of both checkpoints, tables."""
     out = tmp_path / "abl"
-    rc = ablation.main(["--out", str(out), "--quick", "--settings", "scarce", "--variants", "tal",
+    rc = ablation.main(["--out", str(out), "--quick", "--labeled", "1", "--variants", "tal",
                         "--device", "cpu", "--threads", "1"])
     assert rc == 0
     report = json.loads((out / "ablation.json").read_text())
@@ -200,4 +248,5 @@ def test_quick_ablation_end_to_end(tmp_path):
     assert run["other"]["checkpoint"] == "last" and run["other"]["checkpoint_step"] == run["steps"]
     assert run["checkpoint_step"] <= run["steps"]
     assert len(run["per_case"]) == report["options"]["held_out"]
-    assert "| scarce (1 labeled/dataset) | tal |" in (out / "ablation.md").read_text()
+    assert "| 1 labeled/dataset | tal |" in (out / "ablation.md").read_text()
+    assert (out / "ablation.png").is_file()
