@@ -527,7 +527,9 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
                 finish_epoch(final=step == total_steps or code == _BUDGET)
             if code == _BUDGET:
                 stop_reason = "time budget"
-                _log(dist, f"time budget of {args.time_budget} min reached at step {step}")
+                _log(dist, f"WARNING: time budget of {args.time_budget} min reached: stopped at step {step} "
+                           f"of {total_steps}; this run is NOT the configured training (what a slower "
+                           "machine trains differs)")
                 break
     finally:
         preempt.uninstall()
@@ -536,7 +538,7 @@ def _fit(args: Any, config: Config, device: torch.device, amp_dtype: torch.dtype
             gc.unfreeze()  # an in-process caller (tests, notebooks) gets its collector back
 
     summary = {"view": args.view, "steps": step, "total_steps": total_steps, "stop": stop_reason,
-               "best_score": best_score, "validation": last_val, "seconds": seconds(),
+               "best_score": best_score, "served": served, "validation": last_val, "seconds": seconds(),
                "semi": semi, "device": str(device), "world": dist.world, "rank": dist.rank}
     if dist.is_main:
         write_json(out / f"train_summary_{args.view}.json", summary)

@@ -108,17 +108,30 @@ def training_curves(history_csv: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
+def training_line(summary: dict[str, Any] | None) -> str:
+    """One line on what was trained (steps, stop reason, the weights served), loud when cut short."""
+    if not summary:
+        return "Training summary: not found."
+    line = (f"Trained {summary.get('steps')} of {summary.get('total_steps')} steps "
+            f"(stop: {summary.get('stop')}); best checkpoint serves the "
+            f"{summary.get('served', 'student')} weights (validation score {summary.get('best_score', 0):.4f}).")
+    if summary.get("stop") != "done":
+        line = f"**WARNING: training stopped early ({summary.get('stop')}): results are not the preset's.** " + line
+    return line
+
+
 def write_demo_report(out: Path, reports: dict[str, dict[str, Any]], times: dict[str, float],
-                      history_csv: Path) -> Path:
+                      history_csv: Path, summary: dict[str, Any] | None = None) -> Path:
     """Write ``out/report.md`` and print the pooled per-organ table. Returns the report path."""
     pooled = pooled_organ_table(reports)
     table = format_pooled(pooled)
     print("\nValidation (phantoms, original grids, all datasets pooled):\n" + table)
+    print(training_line(summary))
     curves = training_curves(history_csv, out)
     parts = ["# UniMOS demo report", "",
              "Synthetic phantoms; trained on the partial datasets (LiTS, KiTS, MSD Spleen) and their "
              "unlabeled volumes; segmented on each validation volume's original grid. BTCV is fully "
-             "labeled and never trained on, so it scores every organ.", "",
+             "labeled and never trained on, so it scores every organ.", "", training_line(summary), "",
              "## Per organ (all validation volumes pooled)", "", table, ""]
     parts += ["## Per dataset", ""]
     for name, rep in reports.items():
