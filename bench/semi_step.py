@@ -85,7 +85,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     from data.sampling import LabeledBatch, UnlabeledBatch
     from engine.runtime import autocast, resolve_device
     from engine.semi import EMATeacher, SemiConfig, semi_step
-    from engine.train import supervised_step
+    from engine.steps import supervised_step
     from losses.partial import DeepSupervisedLoss
     from models import DEFAULT_NORM, build_model
 

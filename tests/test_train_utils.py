@@ -1,4 +1,4 @@
-"""Pieces of the training loop that need no data: schedules, step sampler, Dice, history, seeds."""
+"""Pieces of the training loop that need no data: schedules, step sampler, Dice, history, seeds, options."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from engine.loop import StepBatchSampler
-from engine.train import History, dice_per_class, load_history, lr_factor, rng_seed
+from data.loaders import StepBatchSampler
+from engine.history import History, load_history
+from engine.schedule import lr_factor, rng_seed
+from engine.validation import dice_per_class
 
 
 def test_step_schedule_matches_the_original():
