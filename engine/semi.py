@@ -28,7 +28,7 @@ steps of batch B (``bench/semi_step.py`` counts 4.34x the training FLOPs).
 
 Use in a training loop: ``losses = semi_step(...)``; ``losses["loss"].backward()``; optimizer step;
 then ``teacher.update(model)`` for the EMA teacher. Nothing else keeps state between steps except the
-threshold schedule and the teacher (see :func:`semi_state_dict` for ``--resume``).
+threshold schedule and the teacher (engine/checkpoint.py stores both for ``--resume``).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class SemiConfig:
     w_s2: float = 0.25
     divisor: float = 2.0
     pseudo: str = "merged"
-    teacher: str = "self"
+    teacher: str = "ema"
     ema_momentum: float = 0.99
     cutmix_p: float = 0.5
     cutmix_area: tuple[float, float] = (0.02, 0.4)
@@ -467,33 +467,3 @@ def rampup(step: int, length: int) -> float:
         return 1.0
     t = max(0.0, float(step)) / float(length)
     return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume
-
-
-def semi_state_dict(thresholds: ThresholdSchedule, teacher: EMATeacher | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, Any]:
-    """What ``--resume`` needs of the semi-supervised state (plain tensors and lists: weights_only-safe).
-
-    The EMA weights are included when ``teacher`` is given; a training loop that stores them under the
-    checkpoint's ``ema`` key may pass None. The generator state matters only when the generator is not
-    reseeded from the step counter.
-    """
-    state: dict[str, Any] = {"thresholds": thresholds.state_dict()}
-    if teacher is not None:
-        state["ema"] = teacher.state_dict()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def load_semi_state_dict(state: dict[str, Any], thresholds: ThresholdSchedule,
-                         teacher: EMATeacher | None = None, generator: torch.Generator | None = None) -> None:
-    """Restore what :func:`semi_state_dict` saved (parts absent from ``state`` are left as they are)."""
-    thresholds.load_state_dict(state.get("thresholds", {}))
-    if teacher is not None and "ema" in state:
-        teacher.load_state_dict(state["ema"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
