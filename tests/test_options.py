@@ -42,3 +42,9 @@ def test_plain_values_and_progress_default(monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     assert TrainOptions(progress=None).progress_bars is True
     assert TrainOptions(progress=False).progress_bars is False
+
+
+def test_semi_config_and_options_default_to_the_same_teacher():
+    from engine.semi import SemiConfig
+
+    assert SemiConfig().teacher == TrainOptions().teacher

@@ -15,15 +15,14 @@ from engine.semi import (
     SemiConfig,
     ThresholdSchedule,
     confidence_mask,
-    load_semi_state_dict,
     mix_partners,
     pseudo_label,
-    semi_state_dict,
     semi_step,
     unsup_loss,
 )
 from losses.partial import DeepSupervisedLoss
-from models import MOSNet
+from models import DEFAULT_NORM, MOSNet
+from models.blocks import NORMS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,22 +147,21 @@ def test_ema_state_roundtrip_and_errors():
 
 
 def test_semi_state_roundtrip_weights_only():
+    """What a checkpoint stores of the semi-supervised state (thresholds, EMA teacher) loads back."""
     thresholds = ThresholdSchedule(values=(0.6, 0.9), milestones=(0.5,))
     student = Tiny()
     teacher = EMATeacher(student, momentum=0.9)
     set_tiny(student, 2.0, 2.0, 3.0)
     teacher.update(student)
-    g = torch.Generator().manual_seed(5)
-    torch.rand(3, generator=g)
     buf = io.BytesIO()
-    torch.save(semi_state_dict(thresholds, teacher, g), buf)
+    torch.save({"semi_state": {"thresholds": thresholds.state_dict()}, "ema": teacher.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    t2, e2, g2 = ThresholdSchedule(), EMATeacher(Tiny()), torch.Generator().manual_seed(0)
-    load_semi_state_dict(state, t2, e2, g2)
+    t2, e2 = ThresholdSchedule(), EMATeacher(Tiny())
+    t2.load_state_dict(state["semi_state"]["thresholds"])
+    e2.load_state_dict(state["ema"])
     assert t2.values == [0.6, 0.9] and e2.module.stat.item() == 3.0
-    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g2))
 
 
 # ---------------------------------------------------------------------------------------------- pseudo
@@ -214,6 +212,13 @@ def test_mix_partners_respect_label_sets():
 # ---------------------------------------------------------------------------------------------- the step
 
 C = 4
+
+
+def net(in_channels: int, num_classes: int, width: int, norm: str = DEFAULT_NORM, **kwargs) -> MOSNet:
+    """The network Final.py trains (the default norm unless a test asks for another)."""
+    return MOSNet(in_channels, num_classes, width, norm=norm, **kwargs)
+
+
 MASKS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
 
 
@@ -234,11 +239,12 @@ def batches(seed: int, n: int = 3, size: int = 32):
     return lab, ua, ub
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("teacher_kind,pseudo", [("self", "merged"), ("self", "full"), ("ema", "merged"),
                                                  ("ema", "full")])
-def test_semi_step_finite_backward(teacher_kind, pseudo):
+def test_semi_step_finite_backward(teacher_kind, pseudo, norm):
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8, norm=norm)
     teacher = EMATeacher(model) if teacher_kind == "ema" else None
     teacher_before = None if teacher is None else [p.clone() for p in teacher.module.parameters()]
     lab, ua, ub = batches(1)
@@ -273,9 +279,9 @@ def test_rampup_hand_values_and_scaled_unsupervised_weights():
     assert all(rampup(k, 10) < rampup(k + 1, 10) for k in range(10))
 
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(1)
-    cfg = SemiConfig(cutmix_p=1.0, w_x=2.0, divisor=4.0)
+    cfg = SemiConfig(teacher="self", cutmix_p=1.0, w_x=2.0, divisor=4.0)
     out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, cfg,
                     torch.Generator().manual_seed(2), unsup_scale=0.3)
     unsup = 0.5 * out["loss_fp"] + 0.25 * out["loss_s1"] + 0.25 * out["loss_s2"]
@@ -287,9 +293,9 @@ def test_feature_perturbation_target_not_corrupted_by_cutmix():
     # Without dropout the perturbed branch equals the clean one, so L_fp must equal the loss of the clean
     # weak logits against their own pseudo-labels, whatever was pasted into the strong views' targets.
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8, fp_dropout=0.0)
+    model = net(3, C, 8, fp_dropout=0.0)
     lab, ua, ub = batches(5)
-    cfg = SemiConfig(pseudo="full", cutmix_p=1.0, cutmix_area=(0.3, 0.4))
+    cfg = SemiConfig(teacher="self", pseudo="full", cutmix_p=1.0, cutmix_area=(0.3, 0.4))
     out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg,
                     torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -302,9 +308,9 @@ def test_feature_perturbation_target_not_corrupted_by_cutmix():
 
 def test_semi_step_nothing_confident_leaves_supervised_loss():
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(3)
-    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01, SemiConfig(),
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01, SemiConfig(teacher="self"),
                     torch.Generator().manual_seed(0))
     assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
     assert out["mask_ratio"].item() == 0.0
@@ -312,14 +318,15 @@ def test_semi_step_nothing_confident_leaves_supervised_loss():
 
 
 def test_semi_step_argument_errors():
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(4)
     with pytest.raises(ValueError, match="EMATeacher"):
         semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, SemiConfig(teacher="ema"),
                   torch.Generator())
     small = UnlabeledBatch(ub.image[:, :, :16, :16], ub.labeled_mask, ub.dataset)
     with pytest.raises(ValueError, match="same"):
-        semi_step(model, None, lab, ua, small, DeepSupervisedLoss(), 0.5, None, torch.Generator())
+        semi_step(model, None, lab, ua, small, DeepSupervisedLoss(), 0.5, SemiConfig(teacher="self"),
+                  torch.Generator())
     with pytest.raises(ValueError):
         SemiConfig(pseudo="soft")
     with pytest.raises(ValueError):
@@ -343,7 +350,7 @@ def disks(n: int, g: torch.Generator, size: int = 32, k: int = 3) -> tuple[torch
 def test_short_run_pseudo_label_confidence_rises():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = MOSNet(3, 2, 8)
+    model = net(3, 2, 8)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     loss_fn = DeepSupervisedLoss()
     mask = torch.ones(4, 2, dtype=torch.bool)
@@ -352,7 +359,8 @@ def test_short_run_pseudo_label_confidence_rises():
     for _ in range(40):
         x, y = disks(4, g)
         out = semi_step(model, None, LabeledBatch(x, y, mask, ds), UnlabeledBatch(disks(4, g)[0], mask, ds),
-                        UnlabeledBatch(disks(4, g)[0], mask, ds), loss_fn, 0.8, SemiConfig(pseudo="full"), g)
+                        UnlabeledBatch(disks(4, g)[0], mask, ds), loss_fn, 0.8,
+                        SemiConfig(teacher="self", pseudo="full"), g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
