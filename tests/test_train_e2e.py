@@ -97,3 +97,27 @@ def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, t
         fit(train_options(tiny_data, out, semi=False, resume="auto"))
     fit(train_options(tiny_data, out, semi=False, norm="batch", resume="auto"))
     assert load_checkpoint(path)["step"] == 4  # the second epoch ran
+
+
+def test_tensorboard_run_writes_event_files(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")  # an optional extra: requirements.txt installs it
+    from engine.trainer import fit
+    from tests.conftest import train_options
+
+    fit(train_options(tiny_data, tmp_path, semi=False, epochs=1, tensorboard=True))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_missing_is_one_input_error(tiny_data, tmp_path, monkeypatch):
+    import sys
+
+    from engine.trainer import fit
+    from tests.conftest import train_options
+    from utils.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(InputError, match="needs the tensorboard package") as err:
+        fit(train_options(tiny_data, tmp_path / "out", semi=False, tensorboard=True))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before anything is cached or written
