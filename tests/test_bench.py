@@ -69,11 +69,21 @@ def test_summary_rows_gpu_fraction_of_peak():
     assert not any("fraction" in m for _, m, _ in bench_run.summary_rows({"train": train}, gpu=False))
 
 
-def test_presets_follow_the_brief():
-    cpu, gpu = bench_run.presets(gpu=False), bench_run.presets(gpu=True)
-    assert (cpu["train"]["width"], cpu["train"]["size"], cpu["train"]["batch"]) == (16, 128, 8)
-    assert (gpu["train"]["width"], gpu["train"]["size"], gpu["train"]["amp"]) == (64, 224, "bf16")
-    assert gpu["train"]["channels_last"] and cpu["inference"]["shape"] == (200, 256, 256)
+@pytest.mark.parametrize("gpu,quick", [(False, False), (True, False), (False, True)])
+def test_presets_fit_their_benchmarks(gpu, quick):
+    """Every preset is a valid set of arguments of the benchmark it configures (not its values)."""
+    import inspect
+
+    from bench.loader import run as loader
+    from bench.semi_step import run as semi
+    from bench.train_step import run as train
+
+    fns = {"loader": loader, "train": train, "semi": semi, "inference": bench_run.run_inference}
+    cfg = bench_run.presets(gpu=gpu, quick=quick)
+    assert set(cfg) == set(fns)
+    for name, kwargs in cfg.items():
+        extra = {"device": "cpu"} if name in ("train", "semi") else {}
+        inspect.signature(fns[name]).bind_partial(**kwargs, **extra)  # TypeError on a wrong name
 
 
 def _options(**kw) -> ablation.Options:
