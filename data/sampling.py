@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from data.cache import CachedVolume
-from data.config import Config
+from data.config import IGNORE_INDEX, Config
 from data.volume import VIEWS
 
-IGNORE_INDEX = 255
 PAD_IMAGE = -1.0
 
 
