@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from data.config import DEFAULT_CLASS_WEIGHTS
 from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_augment
 from engine.runtime import autocast, unwrap
 
@@ -297,7 +298,8 @@ def confidence_mask(conf: Tensor, threshold: float) -> Tensor:
 
 
 def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tensor, threshold: float,
-               class_weights: Sequence[float] | Tensor = (0.2, 1.2), dice_weight: float = 0.0) -> Tensor:
+               class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS,
+               dice_weight: float = 0.0) -> Tensor:
     """Target adaptive loss against pseudo-labels, counting only pixels with ``conf >= threshold``.
 
     Masked-out pixels still count in the denominator (UniMatch's ``sum(loss * mask) / numel``, here with
@@ -432,7 +434,7 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     mask_u = unl_a.labeled_mask.to(torch.bool) if merged else \
         torch.ones((na, logits_wa.shape[1]), dtype=torch.bool, device=device)
     class_weights = cfg.class_weights if cfg.class_weights is not None else \
-        getattr(sup_loss, "class_weights", (0.2, 1.2))
+        getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
 
     def unsup(logits: Tensor, pseudo: Tensor, conf: Tensor) -> Tensor:
         return unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.config import DEFAULT_CLASS_WEIGHTS, IGNORE_INDEX
+
 MODES = ("tal", "naive")
 
 
@@ -174,8 +176,8 @@ def _soft_dice(merged: Tensor, tgt: _Target) -> Tensor:
 
 
 def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
-                         class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
-                         dice_weight: float = 0.0, ignore_index: int = 255,
+                         class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS, mode: str = "tal",
+                         dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
                          pixel_weight: Tensor | None = None) -> Tensor:
     """Target adaptive loss of one output against a partially labeled target.
 
@@ -226,8 +228,8 @@ class DeepSupervisedLoss(nn.Module):
         ValueError: negative weights, unknown mode.
     """
 
-    def __init__(self, class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
-                 dice_weight: float = 0.0, ignore_index: int = 255, fused_weight: float = 1.0,
+    def __init__(self, class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS, mode: str = "tal",
+                 dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, fused_weight: float = 1.0,
                  scale_weights: float | Sequence[float] = 0.5) -> None:
         super().__init__()
         if mode not in MODES:
