@@ -47,7 +47,8 @@ FORMAT = "unimos-checkpoint"
 VERSION = 1
 
 
-# Keys --resume cannot do without (inference needs the first ones, see the module docstring).
+# Keys inference cannot do without (inference/segment.py), and those --resume cannot do without.
+INFERENCE_KEYS = ("model", "model_args", "organs", "view", "slices", "block", "config")
 RESUME_KEYS = ("model", "optimizer", "step", "best_score")
 
 
