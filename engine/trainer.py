@@ -127,7 +127,7 @@ class Trainer:
         from engine.distributed import wrap_ddp
 
         opts, dist = self.opts, self.dist
-        check_out_folder(self.out)  # created at the first write: a failed start leaves nothing behind
+        check_out_folder(self.out)  # created by run(): a failed start leaves nothing behind
         if opts.tensorboard:
             tensorboard_writer_class()  # fail now, not after the data is cached
         data = prepare_data(opts, self.config, dist)
