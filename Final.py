@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blocksize % 16:
         parser.error(f"--blocksize {args.blocksize} must be a multiple of 16")  # exits with 2
-    from engine.loop import fit
+    from engine.options import TrainOptions
+    from engine.trainer import fit
 
-    summary = fit(args)
+    summary = fit(TrainOptions.from_namespace(args))
     if summary["stop"] == "preempted":
         from engine.preempt import EXIT_REQUEUE
 

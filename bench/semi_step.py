@@ -85,7 +85,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     from data.sampling import LabeledBatch, UnlabeledBatch
     from engine.runtime import autocast, resolve_device
     from engine.semi import EMATeacher, SemiConfig, semi_step
-    from engine.train import supervised_step
+    from engine.steps import supervised_step
     from losses.partial import DeepSupervisedLoss
     from models import DEFAULT_NORM, build_model
 
@@ -112,7 +112,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
                          "norm": norm}).to(dev)
     model.train()
-    loss_fn = DeepSupervisedLoss(class_weights=(0.2, 1.2))
+    loss_fn = DeepSupervisedLoss()
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and gpu)
     ema = EMATeacher(model) if teacher == "ema" else None

@@ -89,7 +89,7 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     fwd_flops = count_flops(model, (1, slices, size, size))
     train_flops = count_flops(model, (batch, slices, size, size), backward=True) / batch
 
-    crit = DeepSupervisedLoss(class_weights=(0.2, 1.2))
+    crit = DeepSupervisedLoss()
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-4, momentum=0.9)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and dev.type == "cuda")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data.config import Config
+from data.config import IGNORE_INDEX, Config
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
 from data.volume import VIEWS, Geometry, read_volume
@@ -90,8 +90,8 @@ def _geo_dict(g: Geometry) -> dict[str, Any]:
 
 
 def foreground_slices(label_stack: np.ndarray, min_voxels: int = FG_MIN_VOXELS) -> np.ndarray:
-    """Indices (axis 0) of slices with at least ``min_voxels`` voxels of a class > 0 (255 ignored)."""
-    fg = (label_stack > 0) & (label_stack != 255)
+    """Indices (axis 0) of slices with at least ``min_voxels`` voxels of a class > 0 (not IGNORE_INDEX)."""
+    fg = (label_stack > 0) & (label_stack != IGNORE_INDEX)
     counts = fg.reshape(fg.shape[0], -1).sum(axis=1)
     return np.flatnonzero(counts >= min_voxels).astype(np.int64)
 

@@ -20,6 +20,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 LAYOUTS = ("auto", "seed", "msd", "kits19")
 # A label value may be declared as background: structures a dataset labels but UniMOS does not model.
 BACKGROUND = "background"
+# Label value of voxels no loss or metric looks at (crop padding, undeclared file values).
+IGNORE_INDEX = 255
+# Cross-entropy weights of background and organs (the original's); Config.class_weights' default.
+DEFAULT_CLASS_WEIGHTS = (0.2, 1.2)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class Config:
     hu_window: tuple[float, float] = (-200.0, 200.0)
     inplane_size: tuple[int, int] = (256, 256)
     components: dict[str, int] = field(default_factory=lambda: {"kidney": 2})
-    class_weights: tuple[float, float] = (0.2, 1.2)
+    class_weights: tuple[float, float] = DEFAULT_CLASS_WEIGHTS
     source: str = "<memory>"
 
     @property
@@ -115,9 +119,9 @@ class Config:
         return set(dataset.organ_names()) == set(self.organs)
 
     def label_lut(self, dataset: DatasetSpec) -> np.ndarray:
-        """Lookup table file value -> class index; undeclared values map to 255."""
+        """Lookup table file value -> class index; undeclared values map to IGNORE_INDEX."""
         top = max([0, *dataset.labels.keys()])
-        lut = np.full(max(256, top + 1), 255, dtype=np.uint8)
+        lut = np.full(max(256, top + 1), IGNORE_INDEX, dtype=np.uint8)
         lut[0] = 0
         for value, organ in dataset.labels.items():
             lut[value] = 0 if organ == BACKGROUND else self.organ_index(organ)

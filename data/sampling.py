@@ -4,21 +4,19 @@ A sample is ``slices`` adjacent slices of one view (edge-clamped) as channels, r
 ``block x block`` (padded with -1 / label 255 when the slice is smaller), flipped (and rotated by
 multiples of 90 degrees for the unlabeled weak view) identically for image and label.
 
-Determinism: sample ``index`` of epoch ``e`` draws all its randomness from
-``np.random.default_rng([seed, e, index])``. It therefore does not depend on the number of
+Determinism: sample ``index`` draws all its randomness from
+``np.random.default_rng([seed, index // len, index % len])``. It therefore does not depend on the number of
 DataLoader workers, on which worker fetches it, or on the DDP rank, and an interrupted run resumes
 with exactly the same samples. Balance: sample ``i`` comes from dataset ``i % n_datasets`` (datasets
 in config order), then from a random volume of that dataset.
 
-Epochs: call :meth:`SliceDataset.set_epoch` before each epoch (workers must then be re-created,
-i.e. ``persistent_workers=False``), or use :class:`EpochShardSampler`, which encodes the epoch in the
-index (``epoch * len(dataset) + i``) and so also works with persistent workers and DDP.
+Epochs travel inside the index (sample ``epoch * len + i`` is sample ``i`` of epoch ``epoch``), so
+persistent workers and DDP need nothing else; data/loaders.py hands out these global indices.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -27,10 +25,9 @@ import torch
 from torch import Tensor
 
 from data.cache import CachedVolume
-from data.config import Config
+from data.config import IGNORE_INDEX, Config
 from data.volume import VIEWS
 
-IGNORE_INDEX = 255
 PAD_IMAGE = -1.0
 # Unlabeled slices are drawn where the body is: a pixel is body above this windowed value (-1 is the
 # window's low end: air and lung; -0.9 is about -180 HU with the default window), and a slice holds
@@ -231,7 +228,6 @@ class SliceDataset(torch.utils.data.Dataset):
         self.view, self.slices, self.block = view, int(slices), int(block)
         self.samples_per_epoch, self.seed = int(samples_per_epoch), int(seed)
         self.fg_prob, self.flips, self.rot90, self.labeled = float(fg_prob), flips, rot90, labeled
-        self.epoch = 0
         self.alternate_every = int(alternate_every)
         self.intensity = (float(intensity[0]), float(intensity[1]))
         names = [d.name for d in config.datasets]
@@ -265,14 +261,10 @@ class SliceDataset(torch.utils.data.Dataset):
         inside = body[(pos >= span[0]) & (pos <= span[1])]
         return inside if inside.size else body
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s samples (deterministic per ``(seed, epoch, index)``)."""
-        self.epoch = int(epoch)
-
     def rng_for(self, index: int) -> np.random.Generator:
         """The generator of sample ``index`` (indices past ``len`` carry the epoch, see module doc)."""
         epoch, i = divmod(int(index), self.samples_per_epoch)
-        return np.random.default_rng([self.seed, self.epoch + epoch, i])
+        return np.random.default_rng([self.seed, epoch, i])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng_for(index)
@@ -362,40 +354,5 @@ class SliceDataset(torch.utils.data.Dataset):
         return image, label
 
 
-# ----------------------------------------------------------------------------------------------
-# Sharding (DDP)
-
-
-def indices_for_rank(n: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Rank ``rank``'s share of ``range(n)``: every ``world``-th index, wrapped so all ranks get
-    ``ceil(n / world)`` indices (equal step counts keep DDP in lockstep)."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
-    per = math.ceil(n / world)
-    return [(rank + k * world) % n for k in range(per)]
-
-
-class EpochShardSampler(torch.utils.data.Sampler):
-    """Yields ``epoch * n + i`` for this rank's indices ``i`` (see :func:`indices_for_rank`).
-
-    The epoch travels inside the index, so samples are right even with persistent workers.
-    Call :meth:`set_epoch` before each epoch.
-    """
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
-        self.n, self.rank, self.world, self.epoch = int(n), int(rank), int(world), 0
-        self._indices = indices_for_rank(self.n, self.rank, self.world)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        base = self.epoch * self.n
-        return iter([base + i for i in self._indices])
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-
-__all__ = ["EpochShardSampler", "IGNORE_INDEX", "LabeledBatch", "SliceDataset", "UnlabeledBatch",
-           "collate_labeled", "collate_unlabeled", "indices_for_rank"]
+__all__ = ["IGNORE_INDEX", "LabeledBatch", "SliceDataset", "UnlabeledBatch", "collate_labeled",
+           "collate_unlabeled"]

@@ -1,20 +1,35 @@
-"""Checkpoints: written atomically, loaded without running code, checked against what the caller expects.
+"""Checkpoints: one schema, written atomically, loaded without running code, checked against expectations.
 
-Layout of a checkpoint (a plain dict, loadable with ``torch.load(weights_only=True)``)::
+The schema is :class:`TrainingCheckpoint` (this module alone writes and reads it; version
+:data:`VERSION`). On disk a checkpoint is a plain dict, loadable with ``torch.load(weights_only=True)``::
 
     format       "unimos-checkpoint"
     version      1
     model        state_dict of the (unwrapped) network
-    model_args   {"in_channels", "num_classes", "width", ...}  -- enough to rebuild the network
+    model_args   {"in_channels", "num_classes", "width", "norm"[, "blocks"]}: models.build_model's
+                 argument (no "norm": models.LEGACY_NORM, checkpoints written before the option)
     organs       ["liver", "kidney", "spleen"]
     view         "axial" | "coronal" | "sagittal"
     slices       2.5D input slices
     block        training crop size
-    config       config_to_dict(config)  -- preprocessing (HU window, in-plane size) and datasets
-    epoch, step  progress (epoch = completed epochs)
-    best_score   best validation score so far
-    args         the Final.py arguments (plain values)
-    optimizer, scheduler, ema, semi_state, rng  -- present in training checkpoints, for --resume
+    width        model_args["width"] (kept at the top level for the --resume check)
+    config       config_to_dict(config): preprocessing (HU window, in-plane size) and datasets
+    epoch, step  progress: completed epochs (step // steps_per_epoch) and optimizer steps
+    best_score   best validation score so far (-inf before the first validation)
+    args         the run's TrainOptions as plain values, plus "world" (the DDP world size)
+    optimizer    optimizer.state_dict()                                  [training checkpoints]
+    scaler       GradScaler state (fp16 AMP only)                       [optional]
+    ema          EMA teacher state (--teacher ema)                      [optional]
+    semi_state   {"thresholds": ThresholdSchedule state} (semi runs)   [optional]
+    loop         {"meter": EpochMeter state, "pending_end": bool, "elapsed_s": float, "served"}: an
+                 unfinished epoch's loss sums, whether its end (row, validation, best/last) is still to
+                 be done, the seconds trained so far and what resu_best serves [training checkpoints]
+    served       "student" | "ema": whose weights "model" holds. resu_best serves the EMA teacher
+                 when it validated better than the student                [default "student"]
+    student_model  the student's state_dict when "model" holds the EMA weights (for --resume)
+
+Inference (inference/segment.py) needs model, model_args, organs, view, slices, block and config;
+``--resume`` needs model, optimizer, step and best_score too.
 
 Best/last checkpoints are named as the original: ``resu_best_{view}.pth.tar`` and
 ``resu_last_{view}.pth.tar``.
@@ -22,6 +37,7 @@ Best/last checkpoints are named as the original: ``resu_best_{view}.pth.tar`` an
 
 from __future__ import annotations
 
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +48,83 @@ from utils.fileio import atomic_path
 
 FORMAT = "unimos-checkpoint"
 VERSION = 1
+
+
+# Keys inference cannot do without (inference/segment.py), and those --resume cannot do without.
+INFERENCE_KEYS = ("model", "model_args", "organs", "view", "slices", "block", "config")
+RESUME_KEYS = ("model", "optimizer", "step", "best_score")
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What a training checkpoint holds (see the module docstring for each field)."""
+
+    model: dict[str, Any]
+    model_args: dict[str, Any]
+    organs: list[str]
+    view: str
+    slices: int
+    block: int
+    config: dict[str, Any]
+    epoch: int
+    step: int
+    best_score: float
+    args: dict[str, Any]
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    ema: dict[str, Any] | None = None
+    semi_state: dict[str, Any] | None = None
+    loop: dict[str, Any] | None = None
+    # "student" or "ema": which weights "model" holds. A best checkpoint serves the EMA teacher's
+    # weights when they validated better; the student's then stay in student_model for a resume.
+    served: str = "student"
+    student_model: dict[str, Any] | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.model_args["width"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk dict (without format/version, which :func:`save_checkpoint` adds).
+
+        Optional fields that are None are left out.
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.default is MISSING:
+                out[f.name] = value
+            if f.name == "block":
+                out["width"] = self.width
+        return out
+
+    @classmethod
+    def from_dict(cls, ckpt: dict[str, Any], path: str | Path | None = None) -> TrainingCheckpoint:
+        """The schema of a loaded checkpoint dict.
+
+        Raises:
+            InputError: a key --resume needs is missing (names ``path``).
+        """
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise InputError(path, f"checkpoint has no {', '.join(missing)}; cannot resume training from it")
+        # Hand-made or very old files may lack descriptive keys; the resume checks then see them empty.
+        empty: dict[str, Any] = {"model_args": {}, "organs": [], "view": "", "slices": 0, "block": 0,
+                                 "config": {}, "epoch": 0, "args": {}}
+        return cls(**{**empty, **{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt}})
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (see :func:`save_checkpoint`)."""
+        save_checkpoint(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> TrainingCheckpoint:
+        """Load for ``--resume`` (see :func:`load_checkpoint` for ``expect``).
+
+        Raises:
+            InputError: unreadable, foreign, mismatching, or without what --resume needs.
+        """
+        return cls.from_dict(load_checkpoint(path, expect=expect), path)
 
 
 def best_name(view: str) -> str:

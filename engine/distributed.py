@@ -5,7 +5,7 @@ with a c10d rendezvous (see ``Final.sh``); :func:`engine.runtime.init_distribute
 
 What a DDP step computes, compared with one process that sees the whole global batch:
 
-* Data: :class:`engine.loop.StepBatchSampler` gives rank ``r`` the global samples
+* Data: :class:`data.loaders.StepBatchSampler` gives rank ``r`` the global samples
   ``s*B*W + r + W*j`` of step ``s``, and a sample depends only on its global index, so the ranks
   together see exactly the single process's batch of ``B*W`` samples.
 * Gradients: DDP averages the ranks' gradients, i.e. it descends ``mean_r L_r``. The losses are

@@ -5,7 +5,7 @@ The handler only sets a flag; the training loop checks it at every step boundary
 writes a resumable checkpoint and exits with :data:`EXIT_REQUEUE`, which ``Final.sh`` turns into
 ``scontrol requeue``. Repeated signals are absorbed on purpose: under Slurm one process may get
 SIGTERM directly and SIGUSR1 through the launcher at the same moment, and escalating on the second
-would kill it mid-checkpoint. DataLoader workers ignore both signals (engine/loop.py), so a signal
+would kill it mid-checkpoint. DataLoader workers ignore both signals (data/loaders.py), so a signal
 sent to every process of the job does not take the data pipeline down before the checkpoint.
 """
 

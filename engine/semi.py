@@ -39,7 +39,7 @@ measures the ratio to a supervised step of the same labeled batch.
 
 Use in a training loop: ``losses = semi_step(...)``; ``losses["loss"].backward()``; optimizer step;
 then ``teacher.update(model)`` for the EMA teacher. Nothing else keeps state between steps except the
-threshold schedule and the teacher (see :func:`semi_state_dict` for ``--resume``).
+threshold schedule and the teacher (engine/checkpoint.py stores both for ``--resume``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from data.config import DEFAULT_CLASS_WEIGHTS
 from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_augment
 from engine.runtime import autocast, unwrap
 from losses.partial import IGNORE_INDEX
@@ -286,7 +287,7 @@ class SemiConfig:
     w_s2: float = 0.25
     divisor: float = 2.0
     pseudo: str = "merged"
-    teacher: str = "self"
+    teacher: str = "ema"
     ema_momentum: float = 0.99
     cutmix_p: float = 0.5
     cutmix_area: tuple[float, float] = (0.02, 0.4)
@@ -316,7 +317,8 @@ def confidence_mask(conf: Tensor, threshold: float) -> Tensor:
 
 
 def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tensor, threshold: float,
-               class_weights: Sequence[float] | Tensor = (0.2, 1.2), dice_weight: float = 0.0) -> Tensor:
+               class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS,
+               dice_weight: float = 0.0) -> Tensor:
     """Target adaptive loss against pseudo-labels, counting only pixels with ``conf >= threshold``.
 
     Normalised per pixel as UniMatch (``sum(w_t * loss * mask) / #pixels``, ignored padding left out of
@@ -462,7 +464,7 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     mask_u = unl_a.labeled_mask.to(torch.bool) if merged else \
         torch.ones((na, logits_wa.shape[1]), dtype=torch.bool, device=device)
     class_weights = cfg.class_weights if cfg.class_weights is not None else \
-        getattr(sup_loss, "class_weights", (0.2, 1.2))
+        getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
 
     def unsup(logits: Tensor, pseudo: Tensor, conf: Tensor) -> Tensor:
         return unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
@@ -499,33 +501,3 @@ def rampup(step: int, length: int) -> float:
         return 1.0
     t = max(0.0, float(step)) / float(length)
     return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume
-
-
-def semi_state_dict(thresholds: ThresholdSchedule, teacher: EMATeacher | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, Any]:
-    """What ``--resume`` needs of the semi-supervised state (plain tensors and lists: weights_only-safe).
-
-    The EMA weights are included when ``teacher`` is given; a training loop that stores them under the
-    checkpoint's ``ema`` key may pass None. The generator state matters only when the generator is not
-    reseeded from the step counter.
-    """
-    state: dict[str, Any] = {"thresholds": thresholds.state_dict()}
-    if teacher is not None:
-        state["ema"] = teacher.state_dict()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def load_semi_state_dict(state: dict[str, Any], thresholds: ThresholdSchedule,
-                         teacher: EMATeacher | None = None, generator: torch.Generator | None = None) -> None:
-    """Restore what :func:`semi_state_dict` saved (parts absent from ``state`` are left as they are)."""
-    thresholds.load_state_dict(state.get("thresholds", {}))
-    if teacher is not None and "ema" in state:
-        teacher.load_state_dict(state["ema"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.config import DEFAULT_CLASS_WEIGHTS, IGNORE_INDEX
+
 MODES = ("tal", "naive")
 NORMALISERS = ("weights", "pixels")
-IGNORE_INDEX = 255  # label value of pixels that are in no loss (padding)
 # Soft Dice smoothing, in pixels: keeps the gradient of a class predicted where the target has none
 # (without it the loss of such a pair is the constant 1 and false positives are never pushed down).
 DICE_SMOOTH = 1.0
@@ -183,7 +184,7 @@ def _soft_dice(merged: Tensor, tgt: _Target) -> Tensor:
 
 
 def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
-                         class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
+                         class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS, mode: str = "tal",
                          dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
                          pixel_weight: Tensor | None = None, normalise: str = "weights") -> Tensor:
     """Target adaptive loss of one output against a partially labeled target.
@@ -238,7 +239,7 @@ class DeepSupervisedLoss(nn.Module):
         ValueError: negative weights, unknown mode.
     """
 
-    def __init__(self, class_weights: Sequence[float] | Tensor = (0.2, 1.2), mode: str = "tal",
+    def __init__(self, class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS, mode: str = "tal",
                  dice_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, fused_weight: float = 1.0,
                  scale_weights: float | Sequence[float] = 0.5) -> None:
         super().__init__()

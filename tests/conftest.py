@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_DATASETS = ("LiTS", "KiTS", "MSDSpleen")
 TINY = ["--width", "4", "--blocksize", "32", "--inplane", "32", "32", "-b", "2", "--epochs", "2",
         "--steps-per-epoch", "2", "--workers", "0", "--device", "cpu"]
+# The same settings as TrainOptions fields (tests/test_options.py checks they agree).
+TINY_OPTIONS = {"width": 4, "blocksize": 32, "inplane": (32, 32), "batchsize": 2, "epochs": 2,
+                "steps_per_epoch": 2, "workers": 0, "device": "cpu"}
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -41,11 +44,14 @@ def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--out", str(out), *TINY, *extra]
 
 
-def train_args(data: Path, out: Path, *extra: str):
-    """Parsed Final.py arguments of a TINY run (for calling ``engine.loop.fit`` in-process)."""
-    from Final import build_parser
+def train_options(data: Path, out: Path, **fields):
+    """TrainOptions of a TINY run on ``data`` writing to ``out`` (for ``engine.trainer.fit`` in-process).
 
-    return build_parser().parse_args(train_argv(data, out, *extra))
+    ``fields`` override TrainOptions fields, e.g. ``semi=False, resume="auto"``.
+    """
+    from engine.options import TrainOptions
+
+    return TrainOptions(data=str(data), out=str(out), **{**TINY_OPTIONS, **fields})
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,17 +357,17 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
     """A valid (untrained, width 4) UniMOS checkpoint and a foreign PyTorch file."""
     import torch
 
-    from data.config import load_config
-    from engine.checkpoint import save_checkpoint
-    from engine.train import checkpoint_payload
-    from models import build_model
+    from data.config import config_to_dict, load_config
+    from engine.checkpoint import TrainingCheckpoint
+    from models import DEFAULT_NORM, build_model
 
     root = tmp_path_factory.mktemp("bad_input_fixtures")
-    model_args = {"in_channels": 3, "num_classes": 4, "width": 4}
-    args = Namespace(view="axial", slices=3, blocksize=32)
+    config = load_config()
+    model_args = {"in_channels": 3, "num_classes": 4, "width": 4, "norm": DEFAULT_NORM}
     ckpt = root / "resu_best_axial.pth.tar"
-    save_checkpoint(checkpoint_payload(build_model(model_args), model_args, load_config(), args, epoch=0,
-                                       step=0, best_score=0.0), ckpt)
+    TrainingCheckpoint(model=build_model(model_args).state_dict(), model_args=model_args,
+                       organs=list(config.organs), view="axial", slices=3, block=32,
+                       config=config_to_dict(config), epoch=0, step=0, best_score=0.0, args={}).save(ckpt)
     foreign = root / "foreign.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
     return {"ckpt": ckpt, "foreign": foreign}

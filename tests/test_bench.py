@@ -70,11 +70,21 @@ def test_summary_rows_gpu_fraction_of_peak():
     assert not any("fraction" in m for _, m, _ in bench_run.summary_rows({"train": train}, gpu=False))
 
 
-def test_presets_follow_the_brief():
-    cpu, gpu = bench_run.presets(gpu=False), bench_run.presets(gpu=True)
-    assert (cpu["train"]["width"], cpu["train"]["size"], cpu["train"]["batch"]) == (16, 128, 8)
-    assert (gpu["train"]["width"], gpu["train"]["size"], gpu["train"]["amp"]) == (64, 224, "bf16")
-    assert gpu["train"]["channels_last"] and cpu["inference"]["shape"] == (200, 256, 256)
+@pytest.mark.parametrize("gpu,quick", [(False, False), (True, False), (False, True)])
+def test_presets_fit_their_benchmarks(gpu, quick):
+    """Every preset is a valid set of arguments of the benchmark it configures (not its values)."""
+    import inspect
+
+    from bench.loader import run as loader
+    from bench.semi_step import run as semi
+    from bench.train_step import run as train
+
+    fns = {"loader": loader, "train": train, "semi": semi, "inference": bench_run.run_inference}
+    cfg = bench_run.presets(gpu=gpu, quick=quick)
+    assert set(cfg) == set(fns)
+    for name, kwargs in cfg.items():
+        extra = {"device": "cpu"} if name in ("train", "semi") else {}
+        inspect.signature(fns[name]).bind_partial(**kwargs, **extra)  # TypeError on a wrong name
 
 
 def _options(**kw) -> ablation.Options:
@@ -114,7 +124,8 @@ def test_ablation_plan_and_option_checks():
     # seed by seed; naive (single_seed) only with the first seed; the extra run with every seed
     assert plan == [(1, "naive", 0), (1, "tal", 0), (1, "tal+semi", 0), (2, "naive", 0), (2, "tal", 0),
                     (2, "tal+semi", 0), (2, "tal+semi/head", 0),
-                    (1, "tal", 1), (1, "tal+semi", 1), (2, "tal", 1), (2, "tal+semi", 1), (2, "tal+semi/head", 1)]
+                    (1, "tal", 1), (1, "tal+semi", 1), (2, "tal", 1), (2, "tal+semi", 1),
+                    (2, "tal+semi/head", 1)]
     plan = ablation.plan_runs(_options(labeled=[2], variants=["tal"], extra=[], train_seeds=[0],
                                        semi_variants=True))
     assert plan == [(2, "tal", 0), (2, "tal+semi/head", 0), (2, "tal+semi/full", 0), (2, "tal+semi/self", 0),
@@ -176,7 +187,8 @@ def test_ablation_pairs_losses_and_figure(tmp_path):
             {"setting": "4lab", "variant": "tal+semi", "labeled_per_dataset": 4, "seed": 1, "error": "x"}]
     pairs = rep.paired_differences(runs)
     assert sorted(pairs) == [2, 4] and pairs[2]["seeds"] == [0, 1]
-    assert pairs[2]["best"] == pytest.approx([0.05, -0.01]) and pairs[2]["last"] == pytest.approx([0.05, 0.08])
+    assert pairs[2]["best"] == pytest.approx([0.05, -0.01])
+    assert pairs[2]["last"] == pytest.approx([0.05, 0.08])
     # kidney 0.9 -> 0.4 on seed 0 at 4 labeled is a lost organ
     assert rep.lost_organs(runs) == ["4 labeled, seed 0: kidney 0.900 -> 0.400"]
     assert rep.curve_points(runs, "tal")[0] == pytest.approx((2, 0.81, math.sqrt(0.0002)))

@@ -7,7 +7,13 @@ import pickle
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from engine.checkpoint import (
+    VERSION,
+    TrainingCheckpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from utils.errors import InputError
 
 
@@ -71,3 +77,31 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
         save_checkpoint({"bad": Unsaveable()}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def _training(**kw) -> TrainingCheckpoint:
+    fields = {"model": {"w": torch.ones(2)}, "model_args": {"in_channels": 3, "num_classes": 3, "width": 4},
+              "organs": ["liver", "kidney"], "view": "axial", "slices": 3, "block": 32, "config": {},
+              "epoch": 1, "step": 10, "best_score": 0.5, "args": {"lr": 0.1},
+              "optimizer": {"state": {}, "param_groups": []}}
+    return TrainingCheckpoint(**{**fields, **kw})
+
+
+def test_training_checkpoint_schema_round_trip(tmp_path):
+    path = tmp_path / "resu_last_axial.pth.tar"
+    ckpt = _training(loop={"meter": {"sums": {}, "count": 0}, "pending_end": False, "elapsed_s": 1.0})
+    ckpt.save(path)
+    raw = load_checkpoint(path)
+    assert raw["format"] == "unimos-checkpoint" and raw["version"] == VERSION
+    assert raw["width"] == 4  # top-level copy of model_args["width"]
+    assert "ema" not in raw and "scaler" not in raw  # absent optional parts are left out
+    back = TrainingCheckpoint.load(path, expect={"view": "axial", "width": 4})
+    assert back.step == 10 and back.loop["elapsed_s"] == 1.0 and back.ema is None
+    assert torch.equal(back.model["w"], ckpt.model["w"])
+
+
+def test_training_checkpoint_needs_what_resume_needs(tmp_path):
+    path = tmp_path / "inference_only.pth.tar"
+    save_checkpoint({k: v for k, v in _training().to_dict().items() if k != "optimizer"}, path)
+    with pytest.raises(InputError, match="has no optimizer; cannot resume"):
+        TrainingCheckpoint.load(path)

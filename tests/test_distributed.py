@@ -26,10 +26,10 @@ from data.cache import build_cache
 from data.config import load_config
 from data.layout import discover
 from engine.checkpoint import load_checkpoint
-from engine.loop import fit
-from engine.train import validate
+from engine.trainer import fit
+from engine.validation import validate
 from models import build_model
-from tests.conftest import REPO, script_env, train_args, train_argv
+from tests.conftest import REPO, script_env, train_argv, train_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +167,8 @@ def test_torchrun_final_py_equals_single_process(tiny_data, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("final validation") == 1  # only rank 0 logs
-    one = fit(train_args(tiny_data, one_out, *common, "-b", "4"))
+    one = fit(train_options(tiny_data, one_out, semi=False, norm="batch", config=str(config), epochs=1,
+                            steps_per_epoch=1, batchsize=4))
 
     a, b = load_checkpoint(ddp_out / LAST), load_checkpoint(one_out / LAST)
     params = {k: v for k, v in b["model"].items() if "running" not in k}

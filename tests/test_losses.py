@@ -226,8 +226,8 @@ def test_dice_pushes_false_positives_down():
     z = _two_class([0.9, 0.6]).requires_grad_(True)
     t = torch.zeros(1, 1, 2, dtype=torch.long)
     full = torch.ones(1, 2, dtype=torch.bool)
-    from losses.partial import _prepare, _soft_dice
     from losses.partial import _merge as merge
+    from losses.partial import _prepare, _soft_dice
 
     tgt = _prepare(z.shape, t, full, (1.0, 1.0), "tal", 255, None, z.device)
     dice = _soft_dice(merge(torch.log_softmax(z, 1), full)[None], tgt)[0]

@@ -44,7 +44,7 @@ def test_resample_axis_linear_hand_values():
 
 
 def test_resample_axis_nearest_and_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     lab = np.array([[1, 2]], dtype=np.uint8)
     out = resample_axis(lab, 1, 4, True)
     np.testing.assert_array_equal(out, [[1, 1, 2, 2]])
@@ -166,7 +166,7 @@ def test_sitk_inplane_equals_separable_axis_resampling():
         sitk_out = resample_inplane(vol, size, is_label=False).array
         np_out = restore_inplane(arr, (size[1], size[0]))
         np.testing.assert_allclose(sitk_out, np_out, atol=1e-5)
-    torch = pytest.importorskip("torch")
+    import torch
     t = restore_inplane(torch.from_numpy(arr)[None], (12, 15))
     np.testing.assert_allclose(t[0].numpy(), restore_inplane(arr, (12, 15)), atol=1e-6)
     lab = rng.integers(0, 4, size=(2, 9, 7)).astype(np.uint8)
@@ -195,7 +195,7 @@ def test_view_stack_shapes_and_round_trip():
         # linear in S: exact away from the clamped outermost slices
         np.testing.assert_allclose(back[0, 1:-1], arr[1:-1], atol=1e-5)
         np.testing.assert_allclose(back.sum(0), 1.0, atol=1e-5)
-        torch = pytest.importorskip("torch")
+        import torch
         back_t = view_to_canonical(torch.from_numpy(probs), arr.shape, view)
         np.testing.assert_allclose(back_t.numpy(), back, atol=1e-6)
     lab = (arr > 0.3).astype(np.uint8)

@@ -1,7 +1,7 @@
 """Preemption and --resume: a run stopped by a signal and resumed ends exactly like an uninterrupted run.
 
 The uninterrupted references are ``tiny_runs`` (Final.py subprocesses, 2 epochs x 2 steps, workers 0).
-Stopped runs call ``engine.loop.fit`` in-process; the stop is a real SIGUSR1 sent to this process from
+Stopped runs call ``engine.trainer.fit`` in-process; the stop is a real SIGUSR1 sent to this process from
 inside the N-th training step (the step function is wrapped, nothing in the loop is test-specific),
 so the loop's own handler, step-boundary check, checkpoint and resume are what is tested.
 """
@@ -17,19 +17,19 @@ import sys
 import pytest
 import torch
 
-import engine.loop
 import engine.semi
+import engine.steps
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.loop import fit
 from engine.preempt import EXIT_REQUEUE
-from tests.conftest import REPO, run_script, script_env, train_args, train_argv
+from engine.trainer import fit
+from tests.conftest import REPO, run_script, script_env, train_argv, train_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAST = "resu_last_axial.pth.tar"
 # Columns that depend on the wall clock, not on the computation.
 CLOCK = ("time_s", "slices_per_s")
-MODES = {"sup": ["--no-semi"], "semi": ["--semi", "--teacher", "ema"]}
+MODES = {"sup": {"semi": False}, "semi": {"semi": True, "teacher": "ema"}}
 
 
 def _stop_after(monkeypatch, n: int, sig: int = signal.SIGUSR1) -> None:
@@ -44,7 +44,7 @@ def _stop_after(monkeypatch, n: int, sig: int = signal.SIGUSR1) -> None:
             return fn(*args, **kwargs)
         return step
 
-    monkeypatch.setattr(engine.loop, "supervised_step", wrap(engine.loop.supervised_step))
+    monkeypatch.setattr(engine.steps, "supervised_step", wrap(engine.steps.supervised_step))
     monkeypatch.setattr(engine.semi, "semi_step", wrap(engine.semi.semi_step))
 
 
@@ -94,9 +94,9 @@ def _assert_same_run(out, ref) -> dict[str, float]:
     pytest.param("semi", 3, 0, marks=pytest.mark.slow),
 ])
 def test_stop_and_resume_is_exact(tiny_data, tiny_runs, tmp_path, monkeypatch, mode, stop_after, workers):
-    extra = [*MODES[mode], "--workers", str(workers)]
+    extra = {**MODES[mode], "workers": workers}
     _stop_after(monkeypatch, stop_after)
-    first = fit(train_args(tiny_data, tmp_path, *extra))
+    first = fit(train_options(tiny_data, tmp_path, **extra))
     assert first["stop"] == "preempted" and first["steps"] == stop_after
     ckpt = load_checkpoint(tmp_path / LAST)
     at_epoch_end = stop_after % 2 == 0
@@ -108,7 +108,7 @@ def test_stop_and_resume_is_exact(tiny_data, tiny_runs, tmp_path, monkeypatch, m
     assert [r["step"] for r in rows] == [str(s) for s in (2,) if s < stop_after]
     monkeypatch.undo()
 
-    second = fit(train_args(tiny_data, tmp_path, *extra, "--resume"))
+    second = fit(train_options(tiny_data, tmp_path, **extra, resume="auto"))
     assert second["stop"] == "done" and second["steps"] == 4
     _assert_same_run(tmp_path, tiny_runs[mode])
 
@@ -138,13 +138,13 @@ def test_sigterm_to_final_py_then_resume(tiny_data, tiny_runs, tmp_path):
 
 def test_time_budget_stop_validates_and_resumes(tiny_data, tiny_runs, tmp_path):
     """A --time-budget stop keeps the run usable (best/last, a row for the partial epoch) and resumable."""
-    first = fit(train_args(tiny_data, tmp_path, "--no-semi", "--time-budget", "1e-9"))
+    first = fit(train_options(tiny_data, tmp_path, semi=False, time_budget=1e-9))
     assert first["stop"] == "time budget" and first["steps"] == 1
     assert "score" in first["validation"]
     assert (tmp_path / "resu_best_axial.pth.tar").is_file()
     rows = _history(tmp_path / "history_axial.csv")
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "1")]  # the partial epoch's row
-    second = fit(train_args(tiny_data, tmp_path, "--no-semi", "--resume"))
+    second = fit(train_options(tiny_data, tmp_path, semi=False, resume="auto"))
     assert second["steps"] == 4
     got, want = load_checkpoint(tmp_path / LAST), load_checkpoint(tiny_runs["sup"] / LAST)
     assert _state_diff(got["model"], want["model"]) == 0.0  # the weights do not depend on the stop
@@ -205,12 +205,13 @@ def test_crash_while_saving_leaves_the_previous_checkpoints(tiny_data, tiny_runs
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="No space left"):
-        fit(train_args(tiny_data, tmp_path, "--no-semi"))
+        fit(train_options(tiny_data, tmp_path, semi=False))
     monkeypatch.undo()
     assert calls["n"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar"]
+        "args_axial.json", "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar",
+        "train.log"]
     for name in ("resu_best_axial.pth.tar", LAST):
         assert load_checkpoint(tmp_path / name)["step"] == 2
-    assert fit(train_args(tiny_data, tmp_path, "--no-semi", "--resume"))["steps"] == 4
+    assert fit(train_options(tiny_data, tmp_path, semi=False, resume="auto"))["steps"] == 4
     _assert_same_run(tmp_path, tiny_runs["sup"])

@@ -10,13 +10,11 @@ from data.cache import build_cache
 from data.config import config_from_dict
 from data.layout import discover
 from data.sampling import (
-    EpochShardSampler,
     LabeledBatch,
     SliceDataset,
     UnlabeledBatch,
     collate_labeled,
     collate_unlabeled,
-    indices_for_rank,
 )
 from tests.helpers import write_seed_dataset
 
@@ -114,16 +112,14 @@ def test_determinism_seed_epoch(volumes):
     a = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
     b = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
     assert all(_same(a[i], b[i]) for i in range(20))
-    b.set_epoch(1)
-    assert not all(_same(a[i], b[i]) for i in range(20))
-    # an index past len carries the epoch: sample epoch*n + i of epoch 0 == sample i of epoch 1
-    assert all(_same(a[20 + i], b[i]) for i in range(20))
+    # an index past len carries the epoch: samples 20..39 are another epoch's, not a repeat
+    assert not all(_same(a[20 + i], b[i]) for i in range(20))
+    assert all(_same(a[20 + i], b[20 + i]) for i in range(20))
 
 
 def test_same_batches_with_0_and_2_workers(volumes):
     labeled, _ = volumes
     ds = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=24, seed=11)
-    ds.set_epoch(2)
 
     def batches(workers):
         loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers,
@@ -195,18 +191,6 @@ def test_unlabeled_sampling_uses_slice_ranges(volumes):
     centres = {ds[i]["slice"] for i in range(16)}
     # the synthetic volumes hold body in every slice, so the range alone decides
     assert centres == {4}
-
-
-def test_rank_sharding():
-    assert indices_for_rank(10, 0, 3) == [0, 3, 6, 9]
-    assert indices_for_rank(10, 1, 3) == [1, 4, 7, 0]
-    assert indices_for_rank(10, 2, 3) == [2, 5, 8, 1]
-    assert sorted(set().union(*(indices_for_rank(10, r, 3) for r in range(3)))) == list(range(10))
-    sampler = EpochShardSampler(10, rank=1, world=3)
-    sampler.set_epoch(2)
-    assert list(sampler) == [21, 24, 27, 20] and len(sampler) == 4
-    with pytest.raises(ValueError):
-        indices_for_rank(10, 3, 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")

@@ -263,7 +263,7 @@ def _direction(kind: str, rng: np.random.Generator) -> tuple[float, ...]:
 
 @pytest.mark.parametrize("kind", ["oblique", "slices_first", "flipped"])
 def test_geometry_roundtrip_real_model(tmp_path, kind):
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
     rng = np.random.default_rng(11)
     ckpt = _ckpt(tmp_path)
     lm = load_model(ckpt, view="axial")

@@ -15,15 +15,14 @@ from engine.semi import (
     SemiConfig,
     ThresholdSchedule,
     confidence_mask,
-    load_semi_state_dict,
     mix_partners,
     pseudo_label,
-    semi_state_dict,
     semi_step,
     unsup_loss,
 )
 from losses.partial import DeepSupervisedLoss
-from models import MOSNet
+from models import DEFAULT_NORM, MOSNet
+from models.blocks import NORMS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,22 +151,21 @@ def test_ema_state_roundtrip_and_errors():
 
 
 def test_semi_state_roundtrip_weights_only():
+    """What a checkpoint stores of the semi-supervised state (thresholds, EMA teacher) loads back."""
     thresholds = ThresholdSchedule(values=(0.6, 0.9), milestones=(0.5,))
     student = Tiny()
     teacher = EMATeacher(student, momentum=0.9)
     set_tiny(student, 2.0, 2.0, 3.0)
     teacher.update(student)
-    g = torch.Generator().manual_seed(5)
-    torch.rand(3, generator=g)
     buf = io.BytesIO()
-    torch.save(semi_state_dict(thresholds, teacher, g), buf)
+    torch.save({"semi_state": {"thresholds": thresholds.state_dict()}, "ema": teacher.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    t2, e2, g2 = ThresholdSchedule(), EMATeacher(Tiny()), torch.Generator().manual_seed(0)
-    load_semi_state_dict(state, t2, e2, g2)
+    t2, e2 = ThresholdSchedule(), EMATeacher(Tiny())
+    t2.load_state_dict(state["semi_state"]["thresholds"])
+    e2.load_state_dict(state["ema"])
     assert t2.values == [0.6, 0.9] and e2.module.stat.item() == 3.0
-    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g2))
 
 
 # ---------------------------------------------------------------------------------------------- pseudo
@@ -219,6 +217,13 @@ def test_mix_partners_respect_label_sets():
 # ---------------------------------------------------------------------------------------------- the step
 
 C = 4
+
+
+def net(in_channels: int, num_classes: int, width: int, norm: str = DEFAULT_NORM, **kwargs) -> MOSNet:
+    """The network Final.py trains (the default norm unless a test asks for another)."""
+    return MOSNet(in_channels, num_classes, width, norm=norm, **kwargs)
+
+
 MASKS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
 
 
@@ -240,11 +245,12 @@ def batches(seed: int, n: int = 3, size: int = 32):
     return lab, ua, ub
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("teacher_kind,pseudo", [("self", "merged"), ("self", "full"), ("ema", "merged"),
                                                  ("ema", "full")])
-def test_semi_step_finite_backward(teacher_kind, pseudo):
+def test_semi_step_finite_backward(teacher_kind, pseudo, norm):
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8, norm=norm)
     teacher = EMATeacher(model) if teacher_kind == "ema" else None
     teacher_before = None if teacher is None else [p.clone() for p in teacher.module.parameters()]
     lab, ua, ub = batches(1)
@@ -279,9 +285,9 @@ def test_rampup_hand_values_and_scaled_unsupervised_weights():
     assert all(rampup(k, 10) < rampup(k + 1, 10) for k in range(10))
 
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(1)
-    cfg = SemiConfig(cutmix_p=1.0, w_x=2.0, divisor=4.0)
+    cfg = SemiConfig(teacher="self", cutmix_p=1.0, w_x=2.0, divisor=4.0)
     out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, cfg,
                     torch.Generator().manual_seed(2), unsup_scale=0.3)
     unsup = 0.5 * out["loss_fp"] + 0.25 * out["loss_s1"] + 0.25 * out["loss_s2"]
@@ -293,9 +299,9 @@ def test_feature_perturbation_target_not_corrupted_by_cutmix():
     # Without dropout the perturbed branch equals the clean one, so L_fp must equal the loss of the clean
     # weak logits against their own pseudo-labels, whatever was pasted into the strong views' targets.
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8, fp_dropout=0.0, norm="instance")
+    model = net(3, C, 8, fp_dropout=0.0)
     lab, ua, ub = batches(5)
-    cfg = SemiConfig(pseudo="full", cutmix_p=1.0, cutmix_area=(0.3, 0.4))
+    cfg = SemiConfig(teacher="self", pseudo="full", cutmix_p=1.0, cutmix_area=(0.3, 0.4))
     out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg,
                     torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -308,9 +314,9 @@ def test_feature_perturbation_target_not_corrupted_by_cutmix():
 
 def test_semi_step_nothing_confident_leaves_supervised_loss():
     torch.manual_seed(0)
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(3)
-    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01, SemiConfig(),
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01, SemiConfig(teacher="self"),
                     torch.Generator().manual_seed(0))
     assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
     assert out["mask_ratio"].item() == 0.0
@@ -343,8 +349,9 @@ def test_padding_is_in_no_unsupervised_loss_and_not_in_the_mask_ratio():
     lab, ua, ub = batches(2)
     for b in (ua, ub):
         b.valid[:, :, 16:] = False  # right half is padding
-    cfg = SemiConfig(pseudo="full", cutmix_p=1.0)
-    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg, torch.Generator().manual_seed(0))
+    cfg = SemiConfig(teacher="self", pseudo="full", cutmix_p=1.0)
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg,
+                    torch.Generator().manual_seed(0))
     # threshold 0: every real pixel is confident, padding is not counted at all
     assert out["mask_ratio"].item() == 1.0
     # the padded half's image content does not matter for the unsupervised losses of the weak view
@@ -360,20 +367,22 @@ def test_padding_is_in_no_unsupervised_loss_and_not_in_the_mask_ratio():
     # nothing real: unsupervised losses are 0
     for b in (ua, ub):
         b.valid[:] = False
-    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg, torch.Generator().manual_seed(0))
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.0, cfg,
+                    torch.Generator().manual_seed(0))
     assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
     assert out["mask_ratio"].item() == 0.0
 
 
 def test_semi_step_argument_errors():
-    model = MOSNet(3, C, 8)
+    model = net(3, C, 8)
     lab, ua, ub = batches(4)
     with pytest.raises(ValueError, match="EMATeacher"):
         semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 0.5, SemiConfig(teacher="ema"),
                   torch.Generator())
     small = UnlabeledBatch(ub.image[:, :, :16, :16], ub.labeled_mask, ub.dataset, ub.valid[:, :16, :16])
     with pytest.raises(ValueError, match="same"):
-        semi_step(model, None, lab, ua, small, DeepSupervisedLoss(), 0.5, None, torch.Generator())
+        semi_step(model, None, lab, ua, small, DeepSupervisedLoss(), 0.5, SemiConfig(teacher="self"),
+                  torch.Generator())
     with pytest.raises(ValueError):
         SemiConfig(pseudo="soft")
     with pytest.raises(ValueError):
@@ -397,7 +406,7 @@ def disks(n: int, g: torch.Generator, size: int = 32, k: int = 3) -> tuple[torch
 def test_short_run_pseudo_label_confidence_rises():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = MOSNet(3, 2, 8)
+    model = net(3, 2, 8)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     loss_fn = DeepSupervisedLoss()
     mask = torch.ones(4, 2, dtype=torch.bool)
@@ -408,7 +417,9 @@ def test_short_run_pseudo_label_confidence_rises():
         valid = torch.ones(4, 32, 32, dtype=torch.bool)
         out = semi_step(model, None, LabeledBatch(x, y, mask, ds),
                         UnlabeledBatch(disks(4, g)[0], mask, ds, valid),
-                        UnlabeledBatch(disks(4, g)[0], mask, ds, valid), loss_fn, 0.8, SemiConfig(pseudo="full"), g)
+                        UnlabeledBatch(disks(4, g)[0], mask, ds, valid), loss_fn, 0.8,
+                        SemiConfig(teacher="self", pseudo="full"),
+                        g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

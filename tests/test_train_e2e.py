@@ -28,8 +28,15 @@ def _rows(path):
 def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     out = tiny_runs[kind]
     assert sorted(p.name for p in out.iterdir()) == [
-        "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar",
-        "train_summary_axial.json"]  # nothing else: no temporary files left behind
+        "args_axial.json", "history_axial.csv", "resu_best_axial.pth.tar", "resu_last_axial.pth.tar",
+        "train.log", "train_summary_axial.json"]  # nothing else: no temporary files left behind
+
+    record = json.loads((out / "args_axial.json").read_text())
+    assert record["options"]["width"] == 4 and record["options"]["semi"] is (kind == "semi")
+    assert set(record["versions"]) >= {"torch", "numpy", "SimpleITK"} and "git_commit" in record
+    log_lines = (out / "train.log").read_text().splitlines()
+    assert "INFO data: " in log_lines[0]  # lines from before the output folder existed are kept
+    assert sum("epoch " in line for line in log_lines) == 2
 
     expect = {"organs": ["liver", "kidney", "spleen"], "view": "axial", "slices": 3, "width": 4}
     last = load_checkpoint(out / "resu_last_axial.pth.tar", expect=expect)
@@ -69,13 +76,11 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
 
 
 def test_semi_loss_weights_are_flags_and_checked(tiny_data, tmp_path):
-    from engine.loop import fit
-    from tests.conftest import train_args
+    from engine.trainer import fit
+    from tests.conftest import train_options
     from utils.errors import InputError
 
-    args = train_args(tiny_data, tmp_path / "out", "--semi")
-    assert tuple(args.semi_weights) == (1.0, 0.5, 0.25, 0.25) and args.semi_divisor == 2.0
-    bad = train_args(tiny_data, tmp_path / "out", "--semi", "--semi-weights", "1", "-0.5", "0.25", "0.25")
+    bad = train_options(tiny_data, tmp_path / "out", semi=True, semi_weights=(1, -0.5, 0.25, 0.25))
     with pytest.raises(InputError, match="weights must be finite and >= 0"):
         fit(bad)
     assert not any((tmp_path / "out").glob("*.pth.tar"))
@@ -85,13 +90,13 @@ def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, t
     """--norm batch trains PIPO-FAN's network; a checkpoint written before the option (no "norm" in
     its model_args) holds one, resumes with --norm batch and is refused, with the hint, without it."""
     from engine.checkpoint import save_checkpoint
-    from engine.loop import fit
+    from engine.trainer import fit
     from inference.segment import load_model
-    from tests.conftest import train_args
+    from tests.conftest import train_options
     from utils.errors import InputError
 
     out = tmp_path / "out"
-    fit(train_args(tiny_data, out, "--no-semi", "--norm", "batch", "--epochs", "1"))
+    fit(train_options(tiny_data, out, semi=False, norm="batch", epochs=1))
     path = out / "resu_last_axial.pth.tar"
     ckpt = load_checkpoint(path)
     assert ckpt["model_args"]["norm"] == "batch"
@@ -100,6 +105,30 @@ def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, t
     save_checkpoint(ckpt, path)
     assert load_model(path, view="axial").model.norm == "batch"
     with pytest.raises(InputError, match="resume with --norm batch"):
-        fit(train_args(tiny_data, out, "--no-semi", "--resume"))
-    fit(train_args(tiny_data, out, "--no-semi", "--norm", "batch", "--resume"))
+        fit(train_options(tiny_data, out, semi=False, resume="auto"))
+    fit(train_options(tiny_data, out, semi=False, norm="batch", resume="auto"))
     assert load_checkpoint(path)["step"] == 4  # the second epoch ran
+
+
+def test_tensorboard_run_writes_event_files(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")  # an optional extra: requirements.txt installs it
+    from engine.trainer import fit
+    from tests.conftest import train_options
+
+    fit(train_options(tiny_data, tmp_path, semi=False, epochs=1, tensorboard=True))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_missing_is_one_input_error(tiny_data, tmp_path, monkeypatch):
+    import sys
+
+    from engine.trainer import fit
+    from tests.conftest import train_options
+    from utils.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(InputError, match="needs the tensorboard package") as err:
+        fit(train_options(tiny_data, tmp_path / "out", semi=False, tensorboard=True))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before anything is cached or written

@@ -113,10 +113,11 @@ def training_line(summary: dict[str, Any] | None) -> str:
     if not summary:
         return "Training summary: not found."
     line = (f"Trained {summary.get('steps')} of {summary.get('total_steps')} steps "
-            f"(stop: {summary.get('stop')}); best checkpoint serves the "
-            f"{summary.get('served', 'student')} weights (validation score {summary.get('best_score', 0):.4f}).")
+            f"(stop: {summary.get('stop')}); best checkpoint serves the {summary.get('served', 'student')} "
+            f"weights (validation score {summary.get('best_score', 0):.4f}).")
     if summary.get("stop") != "done":
-        line = f"**WARNING: training stopped early ({summary.get('stop')}): results are not the preset's.** " + line
+        line = (f"**WARNING: training stopped early ({summary.get('stop')}): results are not the "
+                "preset's.** " + line)
     return line
 
 

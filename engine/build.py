@@ -1,0 +1,185 @@
+"""What a training run is built from: config, device, output folder, data, network, semi-supervised parts.
+
+Pure set-up helpers called by :meth:`engine.trainer.Trainer.build`, in this order (the order of the
+random-number draws is part of a seeded run's result). Everything here checks its inputs and raises
+:class:`utils.errors.InputError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.config import Config, load_config
+from engine.checkpoint import last_name
+from engine.options import TrainOptions
+from engine.runtime import DistInfo, resolve_amp, resolve_device
+from utils.errors import InputError
+
+log = logging.getLogger("unimos")
+
+
+def run_config(opts: TrainOptions) -> Config:
+    """The config file with ``--inplane``, ``--hu-window`` and ``--class-weights`` applied."""
+    config = load_config(opts.config)
+    if opts.inplane:
+        config = replace(config, inplane_size=(int(opts.inplane[0]), int(opts.inplane[1])))
+    if opts.hu_window:
+        config = replace(config, hu_window=(float(opts.hu_window[0]), float(opts.hu_window[1])))
+    if opts.class_weights:
+        config = replace(config, class_weights=(float(opts.class_weights[0]), float(opts.class_weights[1])))
+    return config
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an error message (at most 200 characters), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def run_device(opts: TrainOptions) -> tuple[torch.device, torch.dtype | None]:
+    """``(device, autocast dtype or None)`` for ``--device`` and ``--amp``."""
+    try:
+        device = resolve_device(opts.device)
+        return device, resolve_amp(opts.amp, device)
+    except (ValueError, RuntimeError) as err:
+        raise InputError(None, f"--device {opts.device} / --amp {opts.amp}: {reason(err)}") from None
+
+
+def check_out_folder(out: Path) -> None:
+    """Raise InputError now when ``out`` can never be created or written (without creating it)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output folder is a file")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(out, f"cannot create output folder: {anc} is not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise InputError(out, f"cannot create output folder: {anc} is not writable")
+
+
+def find_resume(opts: TrainOptions) -> Path | None:
+    """The checkpoint ``--resume`` names (None: no resume, or ``auto`` without a last checkpoint)."""
+    if not opts.resume:
+        return None
+    if opts.resume == "auto":
+        p = Path(opts.out) / last_name(opts.view)
+        return p if p.is_file() else None
+    p = Path(opts.resume)
+    if p.is_dir():
+        p = p / last_name(opts.view)
+    if not p.is_file():
+        raise InputError(p, "checkpoint to resume from does not exist")
+    return p
+
+
+@dataclass
+class RunData:
+    """Cache entries per split (``labeled``, ``validation``, ``unlabeled``) and whether to train semi."""
+
+    volumes: dict[str, list]
+    semi: bool
+
+
+def prepare_data(opts: TrainOptions, config: Config, dist: DistInfo) -> RunData:
+    """Discover the cases and build (rank 0) or open (other ranks) their cache entries."""
+    from data.cache import build_cache
+    from data.layout import discover
+
+    datasets = opts.datasets.split(",") if opts.datasets else None
+    cases = discover(config, opts.data, datasets)
+    by_split: dict[str, list] = {"labeled": [], "validation": [], "unlabeled": []}
+    for c in cases:
+        by_split[c.split].append(c)
+    if not by_split["labeled"]:
+        raise InputError(opts.data, "no labeled cases found (see README: data layout)")
+    semi = opts.semi if opts.semi is not None else bool(by_split["unlabeled"])
+    if semi and not by_split["unlabeled"]:
+        raise InputError(opts.data, "--semi was asked for but no unlabeled volumes were found")
+    cache_dir = Path(opts.cache) if opts.cache else Path(opts.data) / ".unimos_cache"
+    # Rank 0 builds the cache while the others wait; then they open the same (now valid) entries.
+    # Every rank passes exactly one barrier.
+    if dist.enabled and not dist.is_main:
+        torch.distributed.barrier()
+    vols: dict[str, list] = {}
+    for split in ("labeled", "validation", "unlabeled"):
+        todo = by_split[split] if split != "unlabeled" or semi else []
+        vols[split] = build_cache(todo, config, cache_dir, views=(opts.view,), workers=opts.workers,
+                                  progress=dist.is_main and opts.progress_bars)
+    if dist.enabled and dist.is_main:
+        torch.distributed.barrier()
+    log.info(f"data: {len(vols['labeled'])} labeled, {len(vols['validation'])} validation, "
+             f"{len(vols['unlabeled'])} unlabeled volumes from "
+             f"{sorted({c.dataset for c in cases})}; cache {cache_dir}")
+    return RunData(vols, semi)
+
+
+def model_args_of(opts: TrainOptions, config: Config) -> dict[str, Any]:
+    """``models.build_model``'s argument for this run (stored in checkpoints)."""
+    model_args: dict[str, Any] = {"in_channels": opts.slices, "num_classes": config.num_classes,
+                                  "width": opts.width}
+    if opts.blocks:
+        model_args["blocks"] = [int(b) for b in opts.blocks.split(",")]
+    model_args["norm"] = opts.norm
+    return model_args
+
+
+@dataclass
+class Network:
+    """The plain (unwrapped) network and what trains it."""
+
+    model: torch.nn.Module
+    model_args: dict[str, Any]
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_network(opts: TrainOptions, config: Config, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> Network:
+    """Seed torch with ``--seed``, then build the network, the loss, RMSprop and the grad scaler."""
+    from losses.partial import DeepSupervisedLoss
+    from models import build_model
+
+    torch.manual_seed(opts.seed)
+    model_args = model_args_of(opts, config)
+    model = build_model(model_args).to(device)
+    if opts.channels_last or (opts.channels_last is None and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = DeepSupervisedLoss(class_weights=config.class_weights, mode=opts.loss,
+                                 dice_weight=opts.dice_weight).to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=opts.lr, momentum=opts.momentum,
+                                    weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Network(model, model_args, loss_fn, optimizer, scaler)
+
+
+@dataclass
+class SemiParts:
+    """The semi-supervised step's settings, threshold schedule and (``--teacher ema``) EMA teacher."""
+
+    config: Any  # engine.semi.SemiConfig
+    thresholds: Any  # engine.semi.ThresholdSchedule
+    teacher: Any = None  # engine.semi.EMATeacher | None
+
+
+def build_semi(opts: TrainOptions, model: torch.nn.Module) -> SemiParts:
+    """Semi-supervised parts for ``model`` (the plain network, before DDP wraps it)."""
+    from engine.semi import EMATeacher, SemiConfig, ThresholdSchedule
+
+    w_x, w_fp, w_s1, w_s2 = opts.semi_weights
+    try:
+        semi_cfg = SemiConfig(pseudo=opts.pseudo, teacher=opts.teacher, ema_momentum=opts.ema_momentum,
+                              class_weights=tuple(opts.unsup_class_weights), w_x=w_x, w_fp=w_fp,
+                              w_s1=w_s1, w_s2=w_s2, divisor=opts.semi_divisor, fp=opts.fp)
+        thresholds = ThresholdSchedule.from_arg(opts.threshold)
+    except ValueError as err:
+        raise InputError(None, str(err)) from None
+    teacher = EMATeacher(model, momentum=opts.ema_momentum) if opts.teacher == "ema" else None
+    return SemiParts(semi_cfg, thresholds, teacher)

@@ -1,0 +1,98 @@
+"""``--resume``: load a training checkpoint into a freshly built run, after checking it fits.
+
+An exact continuation needs the network, optimizer, grad scaler, EMA teacher, threshold schedule,
+best score, the loss sums of an unfinished epoch and the history rows up to the checkpoint's step
+(:class:`engine.trainer.Trainer` restores the last three). Everything random is a function of the
+step or of the global sample index (engine/schedule.py, data/loaders.py), so nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine.build import Network, SemiParts, reason
+from engine.checkpoint import TrainingCheckpoint
+from engine.options import TrainOptions
+from engine.runtime import DistInfo
+from utils.errors import InputError
+
+log = logging.getLogger("unimos")
+
+# Options that change which samples or updates a step gets: a resume with other values is valid
+# training but no longer the continuation of the same run.
+RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "mix", "lr", "schedule",
+               "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize")
+
+
+def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],
+                    model_args: dict[str, Any]) -> TrainingCheckpoint:
+    """The checkpoint at ``path``, checked against this run's organs, view, slices and network.
+
+    Raises:
+        InputError: unreadable or foreign file, another view/organs/slices/network, or no optimizer state.
+    """
+    from models import LEGACY_NORM
+
+    ckpt = TrainingCheckpoint.load(path, expect={"organs": list(organs), "view": opts.view,
+                                                 "slices": opts.slices, "width": opts.width})
+    stored = {"norm": LEGACY_NORM, **(ckpt.model_args or {})}
+    if stored != model_args:
+        only_norm = {**stored, "norm": opts.norm} == model_args
+        hint = f" (resume with --norm {stored['norm']})" if only_norm else ""
+        raise InputError(path, f"checkpoint model {stored} differs from the requested {model_args}{hint}")
+    return ckpt
+
+
+def load_states(ckpt: TrainingCheckpoint, path: Path, net: Network, semi: SemiParts | None) -> None:
+    """Network, optimizer, grad scaler, EMA teacher and threshold schedule from ``ckpt``.
+
+    Raises:
+        InputError: a state does not fit this run's objects.
+    """
+    teacher = semi.teacher if semi is not None else None
+    thresholds = semi.thresholds if semi is not None else None
+    try:
+        # a best checkpoint that serves the EMA weights keeps the student's under student_model
+        net.model.load_state_dict(ckpt.student_model if ckpt.student_model is not None else ckpt.model)
+        net.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.scaler is not None and net.scaler.is_enabled():
+            net.scaler.load_state_dict(ckpt.scaler)
+        if teacher is not None:
+            if ckpt.ema is not None:
+                teacher.load_state_dict(ckpt.ema)
+            else:  # a supervised checkpoint continued semi-supervised: the teacher starts as the model
+                teacher.module.load_state_dict(ckpt.model)
+        if thresholds is not None and ckpt.semi_state:
+            thresholds.load_state_dict(ckpt.semi_state.get("thresholds", {}))
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise InputError(path, f"checkpoint state does not fit this run ({reason(err)})") from None
+
+
+def changed_settings(old_args: dict[str, Any], opts: TrainOptions, world: int) -> list[str]:
+    """``RESUME_ARGS`` (and the world size) whose values differ from the checkpoint's run."""
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    changed = [f"--{k.replace('_', '-')} {old_args[k]} -> {getattr(opts, k)}" for k in RESUME_ARGS
+               if k in old_args and plain(old_args[k]) != plain(getattr(opts, k, old_args[k]))]
+    old_world = old_args.get("world")
+    if old_world is not None and old_world != world:
+        changed.append(f"world size {old_world} -> {world}")
+    return changed
+
+
+def restore(path: Path, opts: TrainOptions, organs: list[str], net: Network, semi: SemiParts | None,
+            dist: DistInfo) -> TrainingCheckpoint:
+    """Check and load ``path`` into the run's objects (see :func:`load_for_resume`, :func:`load_states`).
+
+    Logs the settings that differ from the checkpoint's run. Returns the checkpoint.
+    """
+    ckpt = load_for_resume(path, opts, organs, net.model_args)
+    load_states(ckpt, path, net, semi)
+    changed = changed_settings(ckpt.args or {}, opts, dist.world)
+    if changed:
+        log.info(f"note: resuming with changed settings ({'; '.join(changed)}): training goes on, "
+                 "but is not the exact continuation of the checkpoint's run")
+    return ckpt
