@@ -6,10 +6,13 @@ foreign checkpoint ends with ``error: <file>: <problem>`` on stderr instead of a
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -26,6 +29,43 @@ class InputError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):
+        # The default pickling re-calls __init__ with ``self.args`` (one formatted string), which
+        # fails for two positional arguments: an InputError raised in a process-pool worker then
+        # surfaced as BrokenProcessPool with a traceback instead of the one-line message.
+        return (type(self), (self.path, self.problem))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (plus a pointer to --help), exit code 2.
+
+    argparse's default prints the whole usage block before the message; on a cluster log that
+    buries the one line that matters.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring layout and appends ``(default: X)`` once.
+
+    A help text that already states its default (``default ...`` or ``default: ...``) is left
+    alone, so no flag shows its default twice; flags without a meaningful default (None, False,
+    required) show none.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or re.search(r"\bdefault\b", text, re.IGNORECASE):
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return text + " (default: %(default)s)"
+        return text
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
