@@ -76,7 +76,7 @@ def part_name(target: Path, suffix: str) -> str:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None,
-                verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+                verify: Callable[[Path], None] | None = None, allow_empty: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is fsynced, verified and renamed onto it.
 
     The temporary name keeps ``target``'s suffixes (``.nii.gz``) so writers that choose a format
@@ -87,7 +87,8 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None,
         target: the final file.
         suffix: suffix of the temporary file (default: the target's).
         verify: called with the temporary path after the write; raises (InputError) when the file
-            is not what was meant to be written. An empty file is always rejected.
+            is not what was meant to be written.
+        allow_empty: accept an empty file (otherwise taken for a write that a full disk cut short).
 
     Raises:
         InputError: the target's folder cannot be created or written, the disk is full, or the
@@ -118,7 +119,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None,
             if _is_write_error(err):
                 raise write_failure(target, err) from None
             raise
-        if tmp.stat().st_size == 0:
+        if tmp.stat().st_size == 0 and not allow_empty:
             raise InputError(target, "cannot write output (the written file is empty: disk full?); "
                              "the previous file, if any, is unchanged")
         if verify is not None:
@@ -154,7 +155,7 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
             raise InputError(target, f"cannot write output (short write: {tmp.stat().st_size} of "
                              f"{len(data)} bytes); the previous file, if any, is unchanged")
 
-    with atomic_path(target, verify=same_size) as tmp:
+    with atomic_path(target, verify=same_size, allow_empty=not data) as tmp:
         tmp.write_bytes(data)
 
 
