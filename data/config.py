@@ -265,7 +265,8 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
     if "class_weights" in raw:
         bg, organ = _as_pair(raw["class_weights"], "class_weights", source, low=0.0)
         if organ <= 0:
-            raise InputError(source, "'class_weights' organ weight must be > 0 (organs would never be learnt)")
+            raise InputError(source, "'class_weights' organ weight must be > 0 "
+                             "(organs would never be learnt)")
         kwargs["class_weights"] = (float(bg), float(organ))
     if "components" in raw:
         comps = raw["components"]

@@ -328,9 +328,7 @@ def run_job(job: Job, size: tuple[int, int]) -> str:
     Raises:
         InputError: naming the input when it cannot be read (corrupt, 4D, NaN, ...).
     """
-    from utils.fileio import atomic_path
-
-    from utils.fileio import write_stamp
+    from utils.fileio import atomic_path, write_stamp
 
     if job.kind == "copy":
         expected = job.src.stat().st_size

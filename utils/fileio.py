@@ -227,11 +227,12 @@ def clean_stale_parts(folder: str | os.PathLike, recursive: bool = True) -> list
     return removed
 
 
-def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``folder`` if needed and really create (and remove) a file in it.
+def check_writable(folder: str | os.PathLike, what: str = "output folder", keep: bool = False) -> Path:
+    """Really create (and remove) a file in ``folder``, creating the folder if needed.
 
     Permission bits say little (root passes ``os.access`` on read-only mounts; /proc-like paths
-    accept mkdir checks), so the only honest test is a write.
+    accept a mkdir check), so the only honest test is a write. Folders created for the test are
+    removed again unless ``keep`` (a run that then fails on bad input leaves nothing behind).
 
     Raises:
         InputError: naming the folder, when it cannot be created or written.
@@ -239,20 +240,31 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(folder, f"{what} is not a folder")
+    created: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(folder, f"cannot create {what} ({err.strerror})") from None
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".unimos-write-test.{_HOST}-{os.getpid()}.", dir=folder)
         try:
-            os.write(fd, b"x")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(name)
-    except OSError as err:
-        raise InputError(folder, f"{what} is not writable ({err.strerror})") from None
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(folder, f"cannot create {what} ({err.strerror})") from None
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".unimos-write-test.{_HOST}-{os.getpid()}.", dir=folder)
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as err:
+            raise InputError(folder, f"{what} is not writable ({err.strerror})") from None
+    finally:
+        if not keep:
+            for d in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return folder
 
 
