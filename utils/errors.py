@@ -25,7 +25,13 @@ class InputError(Exception):
         problem: one sentence saying what is wrong.
     """
 
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None) -> None:
+        if problem is None:
+            # Re-raised by torch's DataLoader from a worker, which calls ``type(err)(message)``
+            # with its formatted traceback: keep only the original "path: problem" line.
+            text = str(path)
+            found = [ln.split("InputError: ", 1)[1] for ln in text.splitlines() if "InputError: " in ln]
+            path, problem = None, (found[-1] if found else (text.strip().splitlines() or [""])[-1])
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
