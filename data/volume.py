@@ -360,8 +360,7 @@ def check_finite_nifti(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
         return
-    import nibabel as nib
-
+    nib = _quiet_nibabel()
     try:
         img = nib.load(str(path))
         if img.get_data_dtype().kind != "f":
@@ -371,6 +370,37 @@ def check_finite_nifti(path: str | Path) -> None:
         return  # unreadable files are reported by the SimpleITK reader with a better message
     if not np.isfinite(data).all():
         raise InputError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+
+
+def _quiet_nibabel():
+    import logging
+
+    import nibabel as nib
+
+    # nibabel logs header fixes ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1") to stderr;
+    # the conditions are checked here and reported in the one error line.
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
+    return nib
+
+
+def _raw_pixdim(path: Path) -> tuple[float, float, float] | None:
+    """pixdim[1..3] as stored in a NIfTI-1/2 header (None when the header cannot be parsed)."""
+    import gzip
+    import struct
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+        for order in ("<", ">"):
+            size = struct.unpack(order + "i", head[:4])[0]
+            if size == 348:
+                return struct.unpack(order + "3f", head[80:92])
+            if size == 540:
+                return struct.unpack(order + "3d", head[112:136])
+    except (OSError, EOFError, struct.error):
+        return None
+    return None
 
 
 def check_nifti_header(path: str | Path) -> None:
@@ -386,8 +416,7 @@ def check_nifti_header(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
         return
-    import nibabel as nib
-
+    nib = _quiet_nibabel()
     try:
         header = nib.load(str(path)).header
         shape = tuple(int(d) for d in header.get_data_shape())
@@ -400,9 +429,10 @@ def check_nifti_header(path: str | Path) -> None:
         return  # not readable as NIfTI by nibabel: SimpleITK's reader reports it
     if any(d == 0 for d in shape):
         raise InputError(path, f"has a zero-sized dimension (NIfTI dim {shape})")
-    # ITK's reader turns a zero (or NaN) pixdim into 1 mm: check the header's own values.
-    zooms = tuple(float(z) for z in header.get_zooms()[:3])
-    if len(zooms) == 3:
+    # ITK's reader (and nibabel's header check) turn a zero or NaN pixdim into 1 mm: check the
+    # header's own bytes.
+    zooms = _raw_pixdim(path)
+    if zooms is not None and len(shape) >= 3:
         check_spacing(path, zooms)
     nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
     expected = max(offsets) + nbytes
