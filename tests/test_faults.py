@@ -126,8 +126,10 @@ def test_resample_worker_error_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists() or not _parts(tmp_path / "out")
 
 
-@pytest.mark.parametrize("kind", ["4d", *[pytest.param(k, marks=pytest.mark.slow) for k in
-                                           ("nan", "truncated", "corrupt_gzip", "zero_dim_nifti", "other_shape")]])
+_POOL_SLOW = ("nan", "truncated", "corrupt_gzip", "zero_dim_nifti", "other_shape")
+
+
+@pytest.mark.parametrize("kind", ["4d", *[pytest.param(k, marks=pytest.mark.slow) for k in _POOL_SLOW]])
 def test_final_default_workers_error_is_one_line(kind, tmp_path):
     """Default --workers (2): the cache is built in a process pool; its InputError reaches the user."""
     from tests.test_bad_input import other_shape
