@@ -242,6 +242,7 @@ def preflight_final(args: Any) -> None:
 # The other scripts
 
 RESAMPLE_RANGES = {"s1": Range(low=1, high=16384), "s2": Range(low=1, high=16384),
+                   "size": Range(low=1, high=16384),
                    "workers": Range(low=1, high=256)}
 
 
@@ -341,7 +342,9 @@ def validate_demo_args(args: Any) -> None:
         raise InputError("--semi", "needs unlabeled phantoms (--unlabeled > 0), or use --no-semi")
 
 
-__all__ = ["AMP_CHOICES", "FINAL_RANGES", "Range", "check_device", "check_finite_floats", "check_ranges",
-           "parse_blocks", "preflight_final", "validate_demo_args",
-           "validate_evaluate_args", "validate_final_args", "validate_resample_args",
-           "validate_segment_args", "validate_synth_args"]
+__all__ = [
+    "AMP_CHOICES", "DEMO_RANGES", "FINAL_RANGES", "RESAMPLE_RANGES", "SEGMENT_RANGES", "SYNTH_RANGES",
+    "Range", "check_device", "check_finite_floats", "check_ranges", "parse_blocks", "preflight_final",
+    "validate_demo_args", "validate_evaluate_args", "validate_final_args", "validate_resample_args",
+    "validate_segment_args", "validate_synth_args",
+]
