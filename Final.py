@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch")
     g.add_argument("-b", "--batchsize", type=int, default=8, help="labeled samples per step")
     g.add_argument("--lr", type=float, default=5e-4, help="learning rate (> 0)")
-    g.add_argument("--momentum", type=float, default=0.9, help="Adam beta1 / SGD momentum, in [0, 1)")
+    g.add_argument("--momentum", type=float, default=0.9, help="RMSprop momentum, in [0, 1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (>= 0)")
     g.add_argument("--schedule", default="step", choices=("step", "poly", "cosine"),
                    help="step: lr * lr_decay every lr_decay_every epochs (the original)")

@@ -11,7 +11,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -85,23 +84,3 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
-
-
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise InputError when it is not an existing file."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, f"{what} does not exist")
-    if not p.is_file():
-        raise InputError(p, f"{what} is not a file")
-    return p
-
-
-def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
-    """Return ``path`` as a Path, or raise InputError when it is not an existing folder."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, f"{what} does not exist")
-    if not p.is_dir():
-        raise InputError(p, f"{what} is not a folder")
-    return p

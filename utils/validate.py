@@ -271,10 +271,13 @@ def validate_segment_args(args: Any) -> None:
     check_device("--device", args.device)
     if args.evaluating and not args.label_filename:
         raise InputError("--evaluating", "needs --label-filename")
-    if args.png:
-        from utils.fileio import check_writable
+    from utils.fileio import check_writable, clean_stale_parts
 
+    if args.png:
         check_writable(args.png, "--png folder")
+        clean_stale_parts(args.png, recursive=False)
+    out = Path(args.output)
+    clean_stale_parts(out if out.is_dir() else out.parent, recursive=False)  # a killed run's parts
 
 
 def validate_evaluate_args(args: Any) -> None:
@@ -283,7 +286,7 @@ def validate_evaluate_args(args: Any) -> None:
     Raises:
         InputError: naming the flag or folder.
     """
-    from utils.fileio import check_writable
+    from utils.fileio import check_writable, clean_stale_parts
 
     if args.png and not args.image:
         raise InputError("--png", "needs --image (the CT the overlays are drawn on)")
@@ -291,9 +294,11 @@ def validate_evaluate_args(args: Any) -> None:
         raise InputError(args.out, "report must be a .csv file")
     if Path(args.out).is_dir():
         raise InputError(args.out, "report path is a folder")
-    check_writable(Path(args.out).parent if str(Path(args.out).parent) else Path("."), "report folder")
+    check_writable(Path(args.out).parent, "report folder")
+    clean_stale_parts(Path(args.out).parent, recursive=False)  # a killed run's temporary files
     if args.png:
         check_writable(args.png, "--png folder")
+        clean_stale_parts(args.png, recursive=False)
 
 
 SYNTH_RANGES = {"cases": Range(low=1, high=10000), "unlabeled": Range(low=0, high=10000),
