@@ -460,6 +460,20 @@ def _kill_after(argv: list[str], delay: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the group's other processes (pool workers) die asynchronously: wait until none is running
+    from utils.fileio import _pid_alive
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        group = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == proc.pid and _pid_alive(pid):
+                    group.append(pid)
+        if not group:
+            break
+        time.sleep(0.1)
 
 
 @pytest.mark.slow

@@ -61,11 +61,11 @@ def write_failure(target: str | os.PathLike, err: BaseException) -> InputError:
 
 
 def _is_write_error(err: BaseException) -> bool:
-    # torch.save reports a full disk as RuntimeError ("... failed writing file ..."), PIL and numpy
-    # as OSError; other exceptions are bugs and keep their traceback.
-    if isinstance(err, OSError):
-        return True
-    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in ("writ", "file", "space"))
+    # The body of an atomic write is one writer call. torch.save reports a full disk as RuntimeError
+    # with varying texts ("iostream error", "enforce fail at inline_container.cc ... unexpected
+    # pos", "failed writing file"), SimpleITK as RuntimeError, PIL and numpy as OSError. Other
+    # exception types are bugs and keep their traceback.
+    return isinstance(err, (OSError, RuntimeError))
 
 
 def part_name(target: Path, suffix: str) -> str:
@@ -175,6 +175,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    # A killed worker whose parent died too may stay a zombie (no init reaps it in a container).
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
     return True
 
 
