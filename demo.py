@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     from utils.validate import validate_demo_args
 
     validate_demo_args(args)
-    out = check_writable(Path(args.out).resolve(), "--out folder", keep=True)
     try:
         shlex.split(args.extra)
     except ValueError as err:
         raise InputError("--extra", f"cannot be split into arguments ({err})") from None
+    out = check_writable(Path(args.out).resolve(), "--out folder", keep=True)
     py = sys.executable
     here = Path(__file__).resolve().parent
     raw, data, model, pred = out / "raw", out / "data", out / "model", out / "pred"

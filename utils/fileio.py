@@ -243,7 +243,7 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder", keep:
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise InputError(folder, f"{what} is not a folder")
+        raise InputError(folder, f"is a file, not a folder ({what})")
     created: list[Path] = []
     p = folder
     while not p.exists() and p != p.parent:

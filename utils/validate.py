@@ -204,8 +204,12 @@ def validate_final_args(args: Any) -> None:
             raise InputError("--datasets", f"must be comma-separated dataset names, got {args.datasets!r}")
         if len(set(names)) != len(names):
             raise InputError("--datasets", f"names a dataset twice: {args.datasets!r}")
-    if args.resume not in (None, "auto") and not Path(args.resume).exists():
-        raise InputError(args.resume, "--resume checkpoint does not exist")
+    if args.resume not in (None, "auto"):
+        resume = Path(args.resume)
+        if resume.is_dir():  # a run folder: its last checkpoint of this view
+            resume = resume / f"resu_last_{args.view}.pth.tar"
+        if not resume.is_file():
+            raise InputError(resume, "--resume checkpoint does not exist")
 
 
 def preflight_final(args: Any) -> None:
