@@ -316,7 +316,7 @@ def validate_synth_args(args: Any) -> None:
     Raises:
         InputError: naming the flag or folder.
     """
-    from utils.fileio import check_writable
+    from utils.fileio import check_writable, clean_stale_parts
 
     check_finite_floats(args)
     check_ranges(args, SYNTH_RANGES)
@@ -324,6 +324,7 @@ def validate_synth_args(args: Any) -> None:
     if not all(names) or len(set(names)) != len(names):
         raise InputError("--datasets", f"must be distinct comma-separated names, got {args.datasets!r}")
     check_writable(args.out, "--out folder")
+    clean_stale_parts(args.out)  # temporary files of a killed earlier run
 
 
 DEMO_RANGES = {"cases": Range(low=1), "unlabeled": Range(low=0), "val": Range(low=0),
