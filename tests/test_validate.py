@@ -297,3 +297,16 @@ def test_default_config_still_loads():
     from data.config import load_config
 
     assert load_config().components == {"kidney": 2}
+
+
+def test_preflight_refuses_a_foreign_resume_checkpoint_before_any_data(tmp_path):
+    import torch
+
+    (tmp_path / "data").mkdir()
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    args = _parser("Final").parse_args(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                                        "--resume", str(foreign)])
+    with pytest.raises(InputError, match="not a UniMOS checkpoint"):
+        preflight_final(args)
+    assert not (tmp_path / "data" / ".unimos_cache").exists() and not (tmp_path / "out").exists()

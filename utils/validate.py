@@ -237,9 +237,32 @@ def preflight_final(args: Any) -> None:
         raise InputError(data, "--data is not a folder (it should hold one folder per dataset)")
     out = check_writable(args.out, "--out folder")
     clean_stale_parts(out, recursive=False)
+    _check_resume(args, config, out)
     cache = Path(args.cache) if args.cache else data / ".unimos_cache"
     check_writable(cache, "cache folder")
     clean_stale_parts(cache)
+
+
+def _check_resume(args: Any, config: Any, out: Path) -> None:
+    """A foreign, truncated or mismatching --resume checkpoint is found before the cache is built.
+
+    The training loop loads it again (and checks the model arguments and state); this first load
+    costs about a second for a full-size checkpoint.
+    """
+    if not args.resume:
+        return
+    from engine.checkpoint import load_checkpoint
+
+    name = f"resu_last_{args.view}.pth.tar"
+    if args.resume == "auto":
+        path = out / name
+        if not path.is_file():
+            return  # nothing to resume yet: a fresh start
+    else:
+        path = Path(args.resume)
+        path = path / name if path.is_dir() else path
+    load_checkpoint(path, expect={"organs": list(config.organs), "view": args.view, "slices": args.slices,
+                                  "width": args.width})
 
 
 # ----------------------------------------------------------------------------------------------
