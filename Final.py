@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from utils.errors import run_cli
+from utils.errors import HelpFormatter, OneLineParser, run_cli
 
 
 def _bool_or_none(value: str) -> bool:
@@ -18,7 +18,7 @@ def _bool_or_none(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--config", default=None, help="dataset/organ YAML (default configs/default.yaml)")
     g.add_argument("--data", default="./data", help="root holding one folder per dataset")
@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", default=None, help="slice cache folder (default DATA/.unimos_cache)")
     g.add_argument("--inplane", type=int, nargs=2, default=None, metavar=("S1", "S2"),
                    help="in-plane grid of the cache (default: the config's inplane_size)")
-    g.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    g.add_argument("--view", default="axial", choices=("axial", "coronal", "sagittal"))
-    g.add_argument("-s", "--slices", type=int, default=3, help="adjacent slices per 2.5D input")
+    g.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="CT window in HU, LOW < HIGH (default: the config's hu_window)")
+    g.add_argument("--view", default="axial", choices=("axial", "coronal", "sagittal"),
+                   help="view the model is trained on")
+    g.add_argument("-s", "--slices", type=int, default=3, help="adjacent slices per 2.5D input (odd)")
     g.add_argument("--blocksize", type=int, default=224, help="random crop size (multiple of 16)")
     g.add_argument("--fg-prob", type=float, default=0.8,
                    help="probability of centring a sample on a slice holding a labeled organ")
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="base channel width (paper: 64)")
-    g.add_argument("--blocks", default=None, help="residual blocks per encoder level, e.g. 1,1,1,1,1")
+    g.add_argument("--blocks", default=None,
+                   help="residual blocks per encoder level 1..4: one count for all (2) or four (1,1,2,2) "
+                        "(default: 1 each)")
     # literals, not models.DEFAULT_NORM / NORMS: importing models loads torch, and --help should not
     # (tests check they agree)
     g.add_argument("--norm", default="instance", choices=("batch", "instance"),
@@ -55,17 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs it, see README) or batch (PIPO-FAN's)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=2500)
-    g.add_argument("--steps-per-epoch", type=int, default=100)
-    g.add_argument("-b", "--batchsize", type=int, default=8)
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=2500, help="training epochs")
+    g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch")
+    g.add_argument("-b", "--batchsize", type=int, default=8, help="labeled samples per step")
+    g.add_argument("--lr", type=float, default=5e-4, help="learning rate (> 0)")
+    g.add_argument("--momentum", type=float, default=0.9, help="RMSprop momentum, in [0, 1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (>= 0)")
     g.add_argument("--schedule", default="step", choices=("step", "poly", "cosine"),
                    help="step: lr * lr_decay every lr_decay_every epochs (the original)")
-    g.add_argument("--lr-decay", type=float, default=0.99)
-    g.add_argument("--lr-decay-every", type=int, default=40)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--lr-decay", type=float, default=0.99, help="step schedule: factor, in (0, 1]")
+    g.add_argument("--lr-decay-every", type=int, default=40, help="step schedule: epochs between decays")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     g.add_argument("--clip-grad", type=float, default=0.0, help="gradient norm clip (0: off)")
     g.add_argument("--loss", default="tal", choices=("tal", "naive"),
                    help="tal: target adaptive loss; naive: unlabeled organs count as background")
@@ -76,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("semi-supervised")
     g.add_argument("--semi", dest="semi", action="store_true", default=None,
                    help="use unlabeled volumes (default: on when any are found)")
-    g.add_argument("--no-semi", dest="semi", action="store_false")
+    g.add_argument("--no-semi", dest="semi", action="store_false", help="labeled volumes only")
     g.add_argument("--unlabeled-batchsize", type=int, default=0, help="default: --batchsize")
     g.add_argument("--teacher", default="ema", choices=("self", "ema"),
                    help="ema: mean teacher (EMA of the weights); self: UniMatch, the model itself, as the "
                         "original (on phantoms with 2 labeled volumes per dataset the self-teacher erased "
                         "the liver of LiTS-style scans in 3 of 3 runs; the EMA teacher did not)")
-    g.add_argument("--ema-momentum", type=float, default=0.99)
+    g.add_argument("--ema-momentum", type=float, default=0.99, help="EMA teacher momentum, in [0, 1)")
     g.add_argument("--pseudo", default="merged", choices=("merged", "full"),
                    help="pseudo-labels in the source dataset's merged label space, or every organ")
     g.add_argument("--threshold", default="schedule",
@@ -108,30 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="./runs/unimos", help="checkpoint and log folder")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    g.add_argument("--amp", nargs="?", const="auto", default="none",
-                   help="mixed precision: none, bf16, fp16, auto (bare --amp = auto)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", nargs="?", const="auto", default="none", choices=("none", "bf16", "fp16", "auto"),
+                   help="mixed precision (bare --amp = auto)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on CUDA only; on CPU it makes instance "
                         "norm 1.6x slower)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="checkpoint file/folder, or bare --resume / 'auto' for OUT's last checkpoint")
     g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: off)")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
-    g.add_argument("--val-batch", type=int, default=16)
-    g.add_argument("--progress", action="store_true", help="progress bars while caching")
+    g.add_argument("--val-batch", type=int, default=16, help="slices per validation forward pass")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars while caching (default: on in a terminal, off in logs and CI)")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.blocksize % 16:
-        parser.error(f"--blocksize {args.blocksize} must be a multiple of 16")  # exits with 2
+    args = build_parser().parse_args(argv)
+    from utils.validate import preflight_final, validate_final_args
+
+    # Every flag, the config and the output/cache folders are checked before any volume is read
+    # (a bad --val-every used to fail only after an epoch had trained).
+    validate_final_args(args)
+    preflight_final(args)
     from engine.options import TrainOptions
     from engine.trainer import fit
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.errors import InputError, run_cli
+from utils.errors import HelpFormatter, InputError, OneLineParser, run_cli
 
 PARTIAL = ("LiTS", "KiTS", "MSDSpleen")
 HELD_OUT = "BTCV"  # fully labeled, never trained on: scores every organ
@@ -44,12 +44,12 @@ def _run(cmd: list[str], log: Path | None = None) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="everything goes under this folder")
     p.add_argument("--cases", type=int, default=4, help="labeled phantoms per dataset")
     p.add_argument("--unlabeled", type=int, default=4, help="unlabeled phantoms per dataset")
     p.add_argument("--val", type=int, default=2, help="validation phantoms per dataset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of phantoms and training")
     p.add_argument("--size", type=int, default=128, help="in-plane grid of resample.py and the cache")
     p.add_argument("--block", type=int, default=96, help="training crop (Final.py --blocksize)")
     p.add_argument("--width", type=int, default=16, help="MOSNet base width")
@@ -72,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out).resolve()
+    from utils.fileio import check_writable
+    from utils.validate import validate_demo_args
+
+    validate_demo_args(args)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(out, f"cannot create output folder ({err.strerror})") from None
+        shlex.split(args.extra)
+    except ValueError as err:
+        raise InputError("--extra", f"cannot be split into arguments ({err})") from None
+    out = check_writable(Path(args.out).resolve(), "--out folder", keep=True)
     py = sys.executable
     here = Path(__file__).resolve().parent
     raw, data, model, pred = out / "raw", out / "data", out / "model", out / "pred"
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         src = raw / ds / "validation"
         if not src.is_dir():
             continue
-        t = _run([py, str(here / "segment.py"), str(src), str(pred / ds), "--network_path", str(ckpt),
+        t = _run([py, str(here / "segment.py"), str(src), str(pred / ds), "--network-path", str(ckpt),
                   "--device", args.device])
         times[f"segment_{ds}"] = t
         report = out / "eval" / f"{ds}.csv"

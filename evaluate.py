@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.errors import run_cli
+from utils.errors import HelpFormatter, OneLineParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--pred", required=True, help="prediction file or folder")
     p.add_argument("--gt", required=True, help="ground-truth file or folder")
     p.add_argument("--out", required=True, help="CSV report (a .json with the same stem is written too)")
@@ -57,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         write_report,
     )
     from utils.errors import InputError
+    from utils.validate import validate_evaluate_args
 
-    if args.png and not args.image:
-        raise InputError(None, "--png needs --image (the CT the overlays are drawn on)")
-    if not args.out.lower().endswith(".csv"):
-        raise InputError(args.out, "report must be a .csv file")
+    validate_evaluate_args(args)
     config = load_config(args.config)
     spec = class_spec(config, parse_labels(args.labels) if args.labels else None, args.gt_dataset)
     ds = spec.gt_dataset

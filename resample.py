@@ -9,16 +9,18 @@ spacing = old * old_n / new_n, direction kept, and the origin moves by half the 
 so the field-of-view edges stay put (the original kept the origin, shifting content by half a voxel).
 Images are interpolated linearly (integer types rounded), label maps with nearest neighbour; label
 maps are the volumes under a folder named in --label-dirs or whose file name matches
---label-patterns. Other files (dataset.json, ...) are copied. Outputs newer than their input are
-skipped unless --overwrite. Bad input stops the run with one line naming the file (exit 2); every
-output is written atomically, so none is ever half-written.
+--label-patterns. Other files (dataset.json, ...) are copied. Outputs that are up to date are
+skipped unless --overwrite: a stamp written after the output's verified write must match the input,
+the settings and the output's content (modification times alone are not trusted). Bad input stops
+the run with one line naming the file (exit 2); every output is written atomically and verified, so
+none is ever half-written.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from utils.errors import run_cli
+from utils.errors import HelpFormatter, OneLineParser, run_cli
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -26,30 +28,35 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-p1", "--raw", required=True, help="input folder (walked recursively)")
-    p.add_argument("-p2", "--out", required=True, help="output folder (subfolders mirrored)")
-    p.add_argument("-s1", type=int, default=256,
-                   help="size of the first in-plane axis (x for axial storage) (default 256)")
-    p.add_argument("-s2", type=int, default=256,
-                   help="size of the second in-plane axis (y for axial storage) (default 256)")
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("-p1", "--raw", "--input", dest="raw", required=True,
+                   help="input folder (walked recursively)")
+    p.add_argument("-p2", "--out", "--output", dest="out", required=True,
+                   help="output folder (subfolders mirrored)")
+    p.add_argument("-s1", "--size1", dest="s1", type=int, default=256,
+                   help="size of the first in-plane axis (x for axial storage)")
+    p.add_argument("-s2", "--size2", dest="s2", type=int, default=256,
+                   help="size of the second in-plane axis (y for axial storage)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("S1", "S2"),
+                   help="both in-plane sizes at once (overrides -s1/-s2)")
     p.add_argument("--label-dirs", type=_csv, default=("label", "labels", "labelsTr"),
                    help="comma-separated folder names holding label maps (default label,labels,labelsTr)")
     p.add_argument("--label-patterns", type=_csv, default=("segmentation.nii.gz", "segmentation.nii"),
                    help="comma-separated file-name patterns of label maps anywhere, e.g. 'seg*' "
                         "(default: KiTS19's segmentation.nii.gz,segmentation.nii)")
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs newer than their input")
+    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo outputs that are up to date (same input, settings and verified content)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.s1 < 1 or args.s2 < 1:
-        from utils.errors import InputError
+    if args.size is not None:
+        args.s1, args.s2 = args.size
+    from utils.validate import validate_resample_args
 
-        raise InputError(None, f"-s1/-s2 must be positive, got {args.s1} x {args.s2}")
+    validate_resample_args(args)
     from data.resample import resample_tree
 
     counts = resample_tree(args.raw, args.out, (args.s1, args.s2), label_dirs=args.label_dirs,

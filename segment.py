@@ -1,9 +1,9 @@
 """Segment CT volumes with trained UniMOS checkpoints: one view, or several views fused.
 
-    python segment.py INPUT OUTPUT --network_path CKPT [--view axial | --views axial,coronal,sagittal]
+    python segment.py INPUT OUTPUT --network-path CKPT [--view axial | --views axial,coronal,sagittal]
         [--slices 3] [--width W] [--config YAML] [--tta] [--device auto|cpu|cuda] [--batch 16]
         [--tile N] [--no-postprocess] [--png DIR]
-        [--evaluating --label_filename GT [--gt-dataset NAME]]
+        [--evaluating --label-filename GT [--gt-dataset NAME]]
 
 INPUT is a NIfTI (or MHA/NRRD) file -> OUTPUT file (or OUTPUT/<same name> when OUTPUT is a folder),
 a folder of such files -> OUTPUT folder with the same file names, or a DICOM series folder -> OUTPUT
@@ -17,7 +17,7 @@ files by their headers), checkpoints and ground-truth headers are checked before
 segmented; bad input ends with one line naming the file and exit code 2, and outputs are written
 atomically (never half-written).
 
---evaluating prints Dice, HD95 and ASSD (mm) per organ against --label_filename (a file, or a folder
+--evaluating prints Dice, HD95 and ASSD (mm) per organ against --label-filename (a file, or a folder
 paired by case name; --gt-dataset maps its label values with that dataset's map of the config).
 --png writes one overlay per case (axial/coronal/sagittal planes through each organ).
 """
@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 
-from utils.errors import run_cli
+from utils.errors import HelpFormatter, OneLineParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("input", help="NIfTI file, folder of NIfTI files, or DICOM series folder")
     p.add_argument("output", help="output file (or folder for a folder input)")
-    p.add_argument("--network_path", "--network-path", required=True,
+    p.add_argument("--network-path", "--network_path", dest="network_path", required=True,
                    help="checkpoint file, or folder holding resu_best_{view}.pth.tar")
     p.add_argument("--view", choices=("axial", "coronal", "sagittal"), default=None,
                    help="view of a single model (default: the checkpoint file's view, or axial)")
@@ -46,15 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML config whose organs the checkpoints must have (default: their own)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch", type=int, default=16, help="slices per forward pass (default 16)")
+    p.add_argument("--batch", type=int, default=16, help="slices per forward pass")
     p.add_argument("--tile", type=int, default=None,
-                   help="in-plane sliding-window size; 0 = whole slices; default: whole slices up to twice "
-                        "the training block, tiles of the block beyond")
+                   help="in-plane sliding-window size (0 or a multiple of 16); 0 = whole slices; default: "
+                        "whole slices up to twice the training block, tiles of the block beyond")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: largest per organ, kidneys 2)")
-    p.add_argument("--evaluating", action="store_true", help="score the result against --label_filename")
-    p.add_argument("--label_filename", "--label-filename", default=None,
+    p.add_argument("--evaluating", action="store_true", help="score the result against --label-filename")
+    p.add_argument("--label-filename", "--label_filename", dest="label_filename", default=None,
                    help="ground truth file, or folder for a folder input")
     p.add_argument("--gt-dataset", default=None,
                    help="config dataset whose label map converts ground-truth values (e.g. LiTS, BTCV)")
@@ -78,6 +77,9 @@ def _views(args) -> list[str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from utils.validate import validate_segment_args
+
+    validate_segment_args(args)
     import time
     from pathlib import Path
 

@@ -13,25 +13,28 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.errors import run_cli
+from utils.errors import HelpFormatter, OneLineParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output root folder")
-    p.add_argument("--cases", type=int, default=4, help="labeled cases per dataset (default 4)")
-    p.add_argument("--unlabeled", type=int, default=4, help="unlabeled cases per dataset (default 4)")
-    p.add_argument("--val", type=int, default=2, help="validation cases per dataset (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--cases", type=int, default=4, help="labeled cases per dataset")
+    p.add_argument("--unlabeled", type=int, default=4, help="unlabeled cases per dataset")
+    p.add_argument("--val", type=int, default=2, help="validation cases per dataset")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--datasets", default="LiTS,KiTS,MSDSpleen,BTCV",
-                   help="comma-separated datasets (default: all four)")
+                   help="comma-separated datasets")
     p.add_argument("--scale", type=float, default=1.0,
-                   help="in-plane size factor, e.g. 0.5 gives 256 instead of 512 (default 1)")
+                   help="in-plane size factor, e.g. 0.5 gives 256 instead of 512")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from utils.validate import validate_synth_args
+
+    validate_synth_args(args)
     from data.phantom import synthesize
 
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]

@@ -32,9 +32,9 @@ import numpy as np
 from data.config import IGNORE_INDEX, Config
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
-from data.volume import VIEWS, Geometry, read_volume
+from data.volume import VIEWS, Geometry, Volume, read_volume
 from utils.errors import InputError
-from utils.fileio import atomic_path, write_json_atomic
+from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
 CACHE_VERSION = 1
 # A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
@@ -231,8 +231,22 @@ def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target:
         "orientation": {"perm": list(orientation.perm), "flip": list(orientation.flip)},
         "views": {"axial": {"shape": list(image.shape), "foreground": []}},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The host/pid in the name lets a later run remove this folder if this one is killed.
+        tmp = Path(tempfile.mkdtemp(prefix=part_name(target, ""), suffix=".part", dir=target.parent))
+    except OSError as err:
+        raise write_failure(target.parent, err) from None
+    apply_umask(tmp, folder=True)  # mkdtemp makes it 0700: collaborators could not read the cache
+    try:
+        _write_entry_files(tmp, target, image, label_vol, case, config, meta)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_entry_files(tmp: Path, target: Path, image: np.ndarray, label_vol: Volume | None, case: Case,
+                       config: Config, meta: dict[str, Any]) -> None:
     try:
         np.save(tmp / "image_axial.npy", image)
         if label_vol is not None:
@@ -247,15 +261,18 @@ def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "meta.json").is_file():
-                raise
-            # Another process built the same entry first: identical content, keep theirs.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        expected = {"image_axial.npy": image.nbytes}
+        for name, nbytes in expected.items():  # a short write leaves less than the array's bytes
+            if (tmp / name).stat().st_size < nbytes:
+                raise InputError(target, f"cannot write cache entry ({name} is short: disk full?)")
+    except (OSError, RuntimeError) as err:
+        raise write_failure(target, err) from None
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "meta.json").is_file():
+            raise
+        # Another process built the same entry first: identical content, keep theirs.
 
 
 def entry_folder(case: Case, config: Config, cache_dir: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -24,6 +24,7 @@ BACKGROUND = "background"
 IGNORE_INDEX = 255
 # Cross-entropy weights of background and organs (the original's); Config.class_weights' default.
 DEFAULT_CLASS_WEIGHTS = (0.2, 1.2)
+_UniqueKeyLoader = None  # built on first load_config (yaml is imported lazily)
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,37 @@ class Config:
         return lut[array.astype(np.int64)]
 
 
-def _as_pair(value: Any, key: str, source: str, cast=float) -> tuple:
+def _number(value: Any, key: str, source: str, integer: bool = False, low: float | None = None,
+            high: float | None = None, low_open: bool = False) -> float | int:
+    """A finite number (an integer when ``integer``) within the given range, or InputError naming the key.
+
+    YAML booleans are not numbers here (``yes`` would otherwise be 1); numeric text such as
+    ``1e-3`` (which PyYAML reads as a string) is accepted.
+    """
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise InputError(source, f"'{key}' must be {kind}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(source, f"'{key}' must be {kind}, got {value!r}") from None
+    if not np.isfinite(number):
+        raise InputError(source, f"'{key}' must be finite, got {value!r}")
+    if integer:
+        if number != int(number):
+            raise InputError(source, f"'{key}' must be an integer, got {value!r}")
+        number = int(number)
+    if low is not None and (number <= low if low_open else number < low):
+        raise InputError(source, f"'{key}' must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and number > high:
+        raise InputError(source, f"'{key}' must be <= {high:g}, got {value!r}")
+    return number
+
+
+def _as_pair(value: Any, key: str, source: str, cast=float, **limits: Any) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise InputError(source, f"'{key}' must be a list of two numbers, got {value!r}")
-    return (cast(value[0]), cast(value[1]))
+    return tuple(_number(v, key, source, integer=cast is int, **limits) for v in value)
 
 
 def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) -> DatasetSpec:
@@ -169,10 +197,15 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
         raise InputError(source, f"dataset '{name}' needs 'labels': a map of file value -> organ")
     labels: dict[int, str] = {}
     for value, organ in labels_raw.items():
+        # int(1.5) would silently declare label 1: reject fractional and boolean keys.
         try:
-            v = int(value)
-        except (TypeError, ValueError):
+            v = _number(value, f"datasets.{name}.labels key {value!r}", source, integer=True)
+        except InputError:
             raise InputError(source, f"dataset '{name}': label value {value!r} is not an integer") from None
+        if not isinstance(organ, str):
+            raise InputError(source, f"dataset '{name}': label {v} must map to an organ name, got {organ!r}")
+        if v in labels:
+            raise InputError(source, f"dataset '{name}': label value {v} is declared twice")
         if v <= 0 or v > 255:
             raise InputError(source, f"dataset '{name}': label value {v} must be in 1..255")
         if organ not in organs and organ != BACKGROUND:
@@ -182,15 +215,21 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
     layout = raw.get("layout", "auto")
     if layout not in LAYOUTS:
         raise InputError(source, f"dataset '{name}': layout must be one of {LAYOUTS}, got {layout!r}")
-    val_fraction = float(raw.get("val_fraction", 0.2))
+    val_fraction = _number(raw.get("val_fraction", 0.2), f"datasets.{name}.val_fraction", source, low=0.0)
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(source, f"dataset '{name}': val_fraction must be in [0, 1)")
     image_token, label_token = raw.get("image_token"), raw.get("label_token")
     if (image_token is None) != (label_token is None):
         raise InputError(source, f"dataset '{name}': give both image_token and label_token or neither")
+    for key in ("image_token", "label_token", "path"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise InputError(source, f"dataset '{name}': {key} must be a non-empty string, got {raw[key]!r}")
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise InputError(source, f"dataset '{name}': optional must be true or false, got {optional!r}")
     return DatasetSpec(name=name, labels=labels, path=raw.get("path"), layout=layout,
                        image_token=image_token, label_token=label_token,
-                       val_fraction=val_fraction, optional=bool(raw.get("optional", False)))
+                       val_fraction=float(val_fraction), optional=optional)
 
 
 def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
@@ -223,16 +262,23 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
         lo, hi = _as_pair(raw["hu_window"], "hu_window", source)
         if not lo < hi:
             raise InputError(source, "'hu_window' must be [low, high] with low < high")
-        kwargs["hu_window"] = (lo, hi)
+        kwargs["hu_window"] = (float(lo), float(hi))
     if "inplane_size" in raw:
-        kwargs["inplane_size"] = _as_pair(raw["inplane_size"], "inplane_size", source, int)
+        kwargs["inplane_size"] = _as_pair(raw["inplane_size"], "inplane_size", source, int, low=1,
+                                          high=16384)
     if "class_weights" in raw:
-        kwargs["class_weights"] = _as_pair(raw["class_weights"], "class_weights", source)
+        bg, organ = _as_pair(raw["class_weights"], "class_weights", source, low=0.0)
+        if organ <= 0:
+            raise InputError(source, "'class_weights' organ weight must be > 0 "
+                             "(organs would never be learnt)")
+        kwargs["class_weights"] = (float(bg), float(organ))
     if "components" in raw:
         comps = raw["components"]
         if not isinstance(comps, dict) or any(k not in organs_t for k in comps):
             raise InputError(source, "'components' must map organ names to counts")
-        kwargs["components"] = {str(k): int(v) for k, v in comps.items()}
+        # 0 components would make post-processing delete the organ.
+        kwargs["components"] = {str(k): int(_number(v, f"components.{k}", source, integer=True, low=1))
+                                for k, v in comps.items()}
     return Config(organs=organs_t, datasets=datasets, source=source, **kwargs)
 
 
@@ -244,14 +290,54 @@ def load_config(path: str | Path | None = None) -> Config:
     """
     import yaml
 
+    global _UniqueKeyLoader
+    if _UniqueKeyLoader is None:
+        _UniqueKeyLoader = _unique_key_loader()
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "config file does not exist")
+    if not path.is_file():
+        raise InputError(path, "config path is not a file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"config is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read config ({err.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise InputError(path, f"invalid YAML ({str(err).splitlines()[0]})") from None
+        problem = getattr(err, "problem", None)
+        mark = getattr(err, "problem_mark", None)
+        reason = (f"{problem}, line {mark.line + 1}" if problem and mark else
+                  " ".join(str(err).split())[:200])
+        raise InputError(path, f"invalid YAML ({reason})") from None
     return config_from_dict(raw, source=str(path))
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base constructor reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice",
+                    key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -74,7 +74,12 @@ def _volumes_in(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue  # also skips macOS "._x.nii.gz" resource forks shipped with MSD
+        # Skipping these silently made the error blame the case's label map instead.
+        if not p.exists():
+            raise InputError(p, "is a dangling symbolic link (its target does not exist)")
         is_file_volume = p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+        if p.is_dir() and p.name.lower().endswith(VOLUME_SUFFIXES):
+            raise InputError(p, "is a folder, expected a volume file")
         if is_file_volume or (p.is_dir() and _looks_like_dicom_dir(p)):
             out.append(p)
     return out
@@ -251,7 +256,14 @@ def discover(config: Config, data_root: str | Path, datasets: list[str] | None =
     specs = [d for d in config.datasets if datasets is None or d.name in datasets]
     cases: list[Case] = []
     for spec in specs:
-        cases += discover_dataset(spec, data_root)
+        found = discover_dataset(spec, data_root)
+        if spec.folder(data_root).is_dir() and not any(c.split != "unlabeled" for c in found):
+            # Training on would never show the model this dataset's organs.
+            folder = spec.folder(data_root)
+            where = {"seed": folder / "labeled", "msd": folder / "imagesTr"}.get(
+                spec.layout if spec.layout != "auto" else detect_layout(folder), folder)
+            raise InputError(where, f"dataset {spec.name} has no labeled cases (empty or missing)")
+        cases += found
     return cases
 
 

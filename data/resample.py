@@ -267,6 +267,8 @@ def plan_jobs(raw_dir: Path, out_dir: Path, label_dirs: Sequence[str] = DEFAULT_
         for f in sorted(files):
             if f.startswith("."):
                 continue
+            if not (root_p / f).exists():
+                raise InputError(root_p / f, "is a dangling symbolic link (its target does not exist)")
             rel = (root_p / f).relative_to(raw_dir)
             lower = f.lower()
             if lower.endswith(VOLUME_SUFFIXES):
@@ -285,15 +287,17 @@ def plan_jobs(raw_dir: Path, out_dir: Path, label_dirs: Sequence[str] = DEFAULT_
     return jobs
 
 
-def _mtime(path: Path) -> float:
-    if path.is_dir():
-        return max((p.stat().st_mtime for p in path.iterdir() if p.is_file()), default=0.0)
-    return path.stat().st_mtime
+def _settings(job: Job, size: tuple[int, int]) -> dict:
+    return {"kind": job.kind, "size": [int(s) for s in size] if job.kind != "copy" else None}
 
 
-def is_up_to_date(job: Job) -> bool:
-    """True when the output exists and is at least as new as its input."""
-    return job.dst.exists() and job.dst.stat().st_mtime >= _mtime(job.src)
+def is_up_to_date(job: Job, size: tuple[int, int]) -> bool:
+    """True when the output is exactly what a verified write made from the current input with these
+    settings (content stamp: sizes, hash; see utils.fileio.stamp_matches). Modification times alone
+    would trust a truncated file left by a full disk."""
+    from utils.fileio import stamp_matches
+
+    return stamp_matches(job.dst, job.src, _settings(job, size))
 
 
 def check_header(job: Job) -> None:
@@ -324,15 +328,24 @@ def run_job(job: Job, size: tuple[int, int]) -> str:
     Raises:
         InputError: naming the input when it cannot be read (corrupt, 4D, NaN, ...).
     """
-    from utils.fileio import atomic_path
+    from utils.fileio import atomic_path, write_stamp
 
     if job.kind == "copy":
-        with atomic_path(job.dst) as tmp:
+        expected = job.src.stat().st_size
+
+        def same_size(tmp: Path) -> None:
+            if tmp.stat().st_size != expected:
+                raise InputError(job.dst, f"cannot write output (short copy: {tmp.stat().st_size} of "
+                                 f"{expected} bytes)")
+
+        with atomic_path(job.dst, verify=same_size, allow_empty=expected == 0) as tmp:
             shutil.copyfile(job.src, tmp)
+        write_stamp(job.dst, job.src, _settings(job, size))
         return f"copied {job.dst}"
     vol = read_volume(job.src)
     out = resample_inplane(vol, size, is_label=job.kind == "label")
     write_volume(out, job.dst)
+    write_stamp(job.dst, job.src, _settings(job, size))
     sa = "ijk"[slice_axis_index(vol.geometry)]
     return (f"{job.kind:5s} {job.src} {vol.geometry.size} -> {out.geometry.size} "
             f"(slice axis {sa}) -> {job.dst}")
@@ -355,7 +368,7 @@ def resample_tree(raw_dir: str | Path, out_dir: str | Path, size: tuple[int, int
         label_dirs: folder names whose volumes are label maps (nearest neighbour).
         label_patterns: file-name patterns (fnmatch) of label maps anywhere.
         workers: processes (> 1 uses a process pool).
-        overwrite: redo outputs that exist and are newer than their input.
+        overwrite: redo outputs that are up to date (see :func:`is_up_to_date`).
         log: callable taking one line (default: print to stdout).
 
     Returns:
@@ -366,7 +379,11 @@ def resample_tree(raw_dir: str | Path, out_dir: str | Path, size: tuple[int, int
     """
     log = log or print  # progress on stdout: stderr is kept for the one error line
     jobs = plan_jobs(Path(raw_dir), Path(out_dir), label_dirs, label_patterns)
-    todo = [j for j in jobs if overwrite or not is_up_to_date(j)]
+    from utils.fileio import check_writable, clean_stale_parts
+
+    check_writable(out_dir)
+    clean_stale_parts(out_dir)  # temporary files of a killed earlier run
+    todo = [j for j in jobs if overwrite or not is_up_to_date(j, size)]
     for j in todo:
         check_header(j)
     counts = {"resampled": 0, "copied": 0, "skipped": len(jobs) - len(todo)}

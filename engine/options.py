@@ -80,7 +80,7 @@ class TrainOptions:
     time_budget: float = 0.0
     val_every: int = 1
     val_batch: int = 16
-    progress: bool | None = False
+    progress: bool | None = None
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.preempt import EXIT_REQUEUE
 from engine.trainer import fit
 from tests.conftest import REPO, run_script, script_env, train_argv, train_options
+from utils.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,7 +205,8 @@ def test_crash_while_saving_leaves_the_previous_checkpoints(tiny_data, tiny_runs
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space left"):
+    # A full disk is one line naming the checkpoint (InputError), not an OSError traceback.
+    with pytest.raises(InputError, match="No space left"):
         fit(train_options(tiny_data, tmp_path, semi=False))
     monkeypatch.undo()
     assert calls["n"] == 3

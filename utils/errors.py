@@ -6,10 +6,12 @@ foreign checkpoint ends with ``error: <file>: <problem>`` on stderr instead of a
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -22,10 +24,53 @@ class InputError(Exception):
         problem: one sentence saying what is wrong.
     """
 
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike | None, problem: str | None = None) -> None:
+        if problem is None:
+            # Re-raised by torch's DataLoader from a worker, which calls ``type(err)(message)``
+            # with its formatted traceback: keep only the original "path: problem" line.
+            text = str(path)
+            found = [ln.split("InputError: ", 1)[1] for ln in text.splitlines() if "InputError: " in ln]
+            path, problem = None, (found[-1] if found else (text.strip().splitlines() or [""])[-1])
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):
+        # The default pickling re-calls __init__ with ``self.args`` (one formatted string), which
+        # fails for two positional arguments: an InputError raised in a process-pool worker then
+        # surfaced as BrokenProcessPool with a traceback instead of the one-line message.
+        return (type(self), (self.path, self.problem))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (plus a pointer to --help), exit code 2.
+
+    argparse's default prints the whole usage block before the message; on a cluster log that
+    buries the one line that matters.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring layout and appends ``(default: X)`` once.
+
+    A help text that already states its default (``default ...`` or ``default: ...``) is left
+    alone, so no flag shows its default twice; flags without a meaningful default (None, False,
+    required) show none.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or re.search(r"\bdefault\b", text, re.IGNORECASE):
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return text + " (default: %(default)s)"
+        return text
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -39,23 +84,3 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
-
-
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise InputError when it is not an existing file."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, f"{what} does not exist")
-    if not p.is_file():
-        raise InputError(p, f"{what} is not a file")
-    return p
-
-
-def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
-    """Return ``path`` as a Path, or raise InputError when it is not an existing folder."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, f"{what} does not exist")
-    if not p.is_dir():
-        raise InputError(p, f"{what} is not a folder")
-    return p

@@ -1,32 +1,98 @@
-"""Atomic writes: a crash or a bad input never leaves a half-written output behind.
+"""Atomic, verified writes: a crash, a full disk or a bad input never leaves a half-written output.
 
-Writers produce a temporary sibling file, flush and fsync it, then ``os.replace`` it over the
-target, which is atomic on POSIX file systems.
+Writers produce a temporary sibling file (``.<name>.<host>-<pid>.<random>.part<suffix>``), flush
+and fsync it, optionally verify it (size, or a read-back of its header), then ``os.replace`` it
+over the target, which is atomic on POSIX file systems. On any failure the temporary file is
+removed and the previous target (if any) is left as it was.
+
+Output files get the permissions an ordinary ``open()`` would give (``0666 & ~umask``, so 0644
+under the usual 022), not mkstemp's private 0600: predictions and checkpoints are shared on
+clusters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from utils.errors import InputError
 
+PART_MARK = ".part"
+# A .part file of another host cannot be checked for a live writer: it is only removed this old.
+FOREIGN_PART_AGE_S = 24 * 3600
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()``/``mkdir()`` would have (mkstemp/mkdtemp use 0600/0700)."""
+    base = 0o777 if folder else 0o666
+    with contextlib.suppress(OSError):
+        os.chmod(path, base & ~current_umask())
+
+
+def write_failure(target: str | os.PathLike, err: BaseException) -> InputError:
+    """One-line InputError for a failed write (full disk, quota, read-only file system, ...)."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        text = str(err).strip().splitlines()
+        reason = text[-1][:200] if text else type(err).__name__
+    return InputError(target, f"cannot write output ({reason}); the previous file, if any, is unchanged")
+
+
+def _is_write_error(err: BaseException) -> bool:
+    # The body of an atomic write is one writer call. torch.save reports a full disk as RuntimeError
+    # with varying texts ("iostream error", "enforce fail at inline_container.cc ... unexpected
+    # pos", "failed writing file"), SimpleITK as RuntimeError, PIL and numpy as OSError. Other
+    # exception types are bugs and keep their traceback.
+    return isinstance(err, (OSError, RuntimeError))
+
+
+def part_name(target: Path, suffix: str) -> str:
+    """Prefix of the temporary file of ``target``: names the host and pid, so cleanup can tell a
+    live writer's file from a killed run's."""
+    return f".{target.name}.{_HOST}-{os.getpid()}."
+
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it is fsynced and renamed onto it.
+def atomic_path(target: str | os.PathLike, suffix: str | None = None,
+                verify: Callable[[Path], None] | None = None, allow_empty: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success it is fsynced, verified and renamed onto it.
 
     The temporary name keeps ``target``'s suffixes (``.nii.gz``) so writers that choose a format
     by extension still work. On any exception the temporary file is removed and ``target`` is
     left untouched.
 
+    Args:
+        target: the final file.
+        suffix: suffix of the temporary file (default: the target's).
+        verify: called with the temporary path after the write; raises (InputError) when the file
+            is not what was meant to be written.
+        allow_empty: accept an empty file (otherwise taken for a write that a full disk cut short).
+
     Raises:
-        InputError: when the target's folder cannot be created or written.
+        InputError: the target's folder cannot be created or written, the disk is full, or the
+            written file fails verification.
     """
     target = Path(target)
     try:
@@ -36,17 +102,33 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     if suffix is None:
         suffix = "".join(target.suffixes) or ".tmp"
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part" + suffix,
+        fd, tmp_name = tempfile.mkstemp(prefix=part_name(target, suffix), suffix=PART_MARK + suffix,
                                         dir=target.parent)
     except OSError as err:
         raise InputError(target.parent, f"output folder is not writable ({err.strerror})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except InputError:
+            raise
+        except Exception as err:
+            if _is_write_error(err):
+                raise write_failure(target, err) from None
+            raise
+        if tmp.stat().st_size == 0 and not allow_empty:
+            raise InputError(target, "cannot write output (the written file is empty: disk full?); "
+                             "the previous file, if any, is unchanged")
+        if verify is not None:
+            verify(tmp)
+        apply_umask(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            raise write_failure(target, err) from None
         _fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -65,11 +147,194 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(text)
+    """Write ``text`` (UTF-8) to ``target`` atomically; the size is checked before the rename."""
+    data = text.encode("utf-8")
+
+    def same_size(tmp: Path) -> None:
+        if tmp.stat().st_size != len(data):
+            raise InputError(target, f"cannot write output (short write: {tmp.stat().st_size} of "
+                             f"{len(data)} bytes); the previous file, if any, is unchanged")
+
+    with atomic_path(target, verify=same_size, allow_empty=not data) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``target`` atomically."""
+    """Write ``obj`` as indented JSON to ``target`` atomically (the one JSON writer of UniMOS)."""
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stale temporary files and writability
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed worker whose parent died too may stay a zombie (no init reaps it in a container).
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    return True
+
+
+def clean_stale_parts(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove temporary ``.part`` files and folders left by killed runs under ``folder``.
+
+    A part whose name carries this host and a pid that is not running is stale; parts of other
+    hosts (shared file systems) only after :data:`FOREIGN_PART_AGE_S`; parts without a pid (older
+    versions) after the same age. Parts of live writers are never touched.
+
+    Returns:
+        The removed paths.
+    """
+    import re
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.part")
+    removed: list[Path] = []
+    now = time.time()
+    if recursive:
+        walker = list(os.walk(folder))
+    else:
+        names = [p.name for p in folder.iterdir()]
+        walker = [(str(folder), [], names)]
+    for root, dirs, files in walker:
+        for name in [*files, *dirs]:
+            if not name.startswith(".") or PART_MARK not in name:
+                continue
+            p = Path(root) / name
+            m = pattern.match(name)
+            try:
+                age = now - p.lstat().st_mtime
+            except OSError:
+                continue
+            if m and m["host"] == _HOST:
+                stale = not _pid_alive(int(m["pid"]))
+            else:
+                stale = age > FOREIGN_PART_AGE_S
+            if not stale:
+                continue
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+    return removed
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder", keep: bool = False) -> Path:
+    """Really create (and remove) a file in ``folder``, creating the folder if needed.
+
+    Permission bits say little (root passes ``os.access`` on read-only mounts; /proc-like paths
+    accept a mkdir check), so the only honest test is a write. Folders created for the test are
+    removed again unless ``keep`` (a run that then fails on bad input leaves nothing behind).
+
+    Raises:
+        InputError: naming the folder, when it cannot be created or written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, f"is a file, not a folder ({what})")
+    created: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(folder, f"cannot create {what} ({err.strerror})") from None
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".unimos-write-test.{_HOST}-{os.getpid()}.", dir=folder)
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as err:
+            raise InputError(folder, f"{what} is not writable ({err.strerror})") from None
+    finally:
+        if not keep:
+            for d in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Content stamps: "is this output up to date?" by identity, not modification time alone
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """Size and mtime (ns) of a file, or of a folder's (DICOM series') files taken together."""
+    p = Path(path)
+    if p.is_dir():
+        stats = [f.stat() for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        return {"size": sum(s.st_size for s in stats), "files": len(stats),
+                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+    st = p.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stamp_path(output: str | os.PathLike) -> Path:
+    """The hidden sidecar recording that ``output`` was written completely and verified."""
+    p = Path(output)
+    return p.with_name(f".{p.name}.stamp.json")
+
+
+def write_stamp(output: str | os.PathLike, source: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Record, after a verified write, what ``output`` was made from and its own size and hash."""
+    out = Path(output)
+    write_json_atomic(stamp_path(out), {
+        "source": {"path": str(Path(source).resolve()), **file_identity(source)},
+        "output": {**file_identity(out), "sha256": sha256_file(out)},
+        "settings": settings,
+    })
+
+
+def stamp_matches(output: str | os.PathLike, source: str | os.PathLike, settings: dict[str, Any]) -> bool:
+    """True when ``output`` is exactly what a verified write made from ``source`` with ``settings``.
+
+    An output without a stamp (written by an older version, or whose write was killed), with a
+    changed size/mtime/hash, a changed source or other settings is not up to date.
+    """
+    out = Path(output)
+    try:
+        stamp = json.loads(stamp_path(out).read_text())
+        if not out.is_file() or stamp.get("settings") != json.loads(json.dumps(settings)):
+            return False
+        src = {"path": str(Path(source).resolve()), **file_identity(source)}
+        if stamp.get("source") != src:
+            return False
+        recorded = stamp.get("output", {})
+        now = file_identity(out)
+        if recorded.get("size") != now["size"] or recorded.get("mtime_ns") != now["mtime_ns"]:
+            return False
+        return recorded.get("sha256") == sha256_file(out)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for the errno values of a full disk or quota."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

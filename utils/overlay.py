@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from data.volume import Volume, to_canonical
+from utils.errors import InputError
 
 PALETTE = ((255, 70, 70), (70, 220, 70), (70, 150, 255), (255, 200, 40), (220, 80, 255),
            (40, 220, 220), (255, 140, 40), (160, 255, 120))
@@ -176,5 +177,14 @@ def save_overlay(path: str | Path, image: Volume, pred: np.ndarray, gt: np.ndarr
     from utils.fileio import atomic_path
 
     rgb = render_overlay(image, pred, gt, organs, hu_window, title or Path(path).stem, panel)
-    with atomic_path(path, suffix=".png") as tmp:
+    def readable(tmp: Path) -> None:
+        # A full disk can cut the file short without an error from PIL: decode it before the rename.
+        try:
+            with Image.open(tmp) as im:
+                im.load()
+        except Exception:
+            raise InputError(path, "cannot write overlay (the written PNG does not decode: disk full?); "
+                             "the previous file, if any, is unchanged") from None
+
+    with atomic_path(path, suffix=".png", verify=readable) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")

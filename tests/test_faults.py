@@ -1,0 +1,523 @@
+"""Fault injection: errors from worker processes, full disks, killed runs, corrupt DICOM series,
+degenerate headers, file modes and stale temporary files.
+
+Every script answers a fault with one line ``error: <file>: <problem>``, exit code 2, no traceback,
+and leaves the previous good output intact. A full disk is a small tmpfs where mounting is
+permitted (root in a container), else a file-size limit (RLIMIT_FSIZE, which cuts writes short the
+same way). The default run keeps one representative case per kind; ``-m slow`` runs the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data.volume import Geometry, Volume, read_volume, write_volume
+from tests.conftest import REPO, TINY, run_script, script_env
+from tests.helpers import phantom_pair, write_dicom_series, write_seed_dataset
+from tests.test_bad_input import BREAKERS, _seed_data, _snapshot, _valid_bytes
+from utils.errors import InputError
+from utils.fileio import clean_stale_parts, stamp_path, write_json_atomic
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _one_line(proc: subprocess.CompletedProcess, names: str | Path | None = None) -> str:
+    report = f"exit {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}\nstdout:\n{proc.stdout[-1000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, report
+    assert "Traceback" not in proc.stderr, report
+    assert len(lines) == 1 and lines[0].startswith("error: "), report
+    if names is not None:
+        assert str(names) in lines[0], report
+    return lines[0]
+
+
+def _parts(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".part" in p.name]
+
+
+def _no_workers_flag(argv: list[str]) -> list[str]:
+    """TINY without ``--workers 0``: the default loader/cache workers (2) run."""
+    out = list(argv)
+    i = out.index("--workers")
+    del out[i:i + 2]
+    return out
+
+
+def _final(tmp: Path, *extra: str, workers_default: bool = False) -> list[str]:
+    tiny = _no_workers_flag(TINY) if workers_default else TINY
+    return ["Final.py", "--data", str(tmp / "data"), "--datasets", "MSDSpleen", "--out", str(tmp / "out"),
+            "--cache", str(tmp / "cache"), "--no-semi", *tiny, *extra]
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kb: int):
+    """Mount a tmpfs of ``size_kb`` at ``folder``; yields False (nothing mounted) where not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                        capture_output=True).returncode == 0
+    try:
+        yield ok
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def run_limited(argv: list[str], limit_bytes: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a script with every file write capped at ``limit_bytes`` (a full disk for the writer:
+    writes past the cap fail or come up short, like ENOSPC)."""
+    code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes})); "
+            "sys.argv = sys.argv[1:]; sys.path.insert(0, '.'); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _volume(shape=(8, 32, 32), spacing=(1.5, 1.5, 3.0), direction=None, seed=0, label=False) -> Volume:
+    image, lab = phantom_pair(shape, seed=seed)
+    geo = Geometry(shape, spacing, (0.0, 0.0, 0.0), *(() if direction is None else (direction,)))
+    return Volume(lab if label else image, geo)
+
+
+def _raw_tree(root: Path, n: int = 2) -> Path:
+    raw = root / "raw" / "MSDSpleen"
+    for i in range(n):
+        write_volume(_volume(seed=i), raw / "labeled" / f"case_{i:03d}.nii.gz")
+        write_volume(_volume(seed=i, label=True), raw / "label" / f"case_{i:03d}.nii.gz")
+    return root / "raw"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Errors cross process boundaries intact
+
+
+def test_input_error_pickles_and_survives_the_dataloader_reraise():
+    err = pickle.loads(pickle.dumps(InputError("/x/a.nii.gz", "is 4D")))
+    assert (type(err), err.path, err.problem) == (InputError, "/x/a.nii.gz", "is 4D")
+    assert str(err) == "/x/a.nii.gz: is 4D"
+    # torch's DataLoader re-raises a worker's exception as type(err)(formatted traceback)
+    wrapped = InputError("Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most "
+                         "recent call last):\n  File \"x.py\", line 1\n"
+                         "utils.errors.InputError: /x/a.nii.gz: is 4D\n")
+    assert str(wrapped) == "/x/a.nii.gz: is 4D"
+
+
+def test_resample_worker_error_is_one_line(tmp_path):
+    raw = _raw_tree(tmp_path)
+    bad = BREAKERS["4d"](raw / "MSDSpleen" / "labeled" / "case_009.nii.gz")
+    proc = run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out", "--size", "16", "16",
+                      "--workers", "2")
+    _one_line(proc, bad)
+    assert not (tmp_path / "out").exists() or not _parts(tmp_path / "out")
+
+
+_POOL_SLOW = ("nan", "truncated", "corrupt_gzip", "zero_dim_nifti", "other_shape")
+
+
+@pytest.mark.parametrize("kind", ["4d", *[pytest.param(k, marks=pytest.mark.slow) for k in _POOL_SLOW]])
+def test_final_default_workers_error_is_one_line(kind, tmp_path):
+    """Default --workers (2): the cache is built in a process pool; its InputError reaches the user."""
+    from tests.test_bad_input import other_shape
+
+    ds = _seed_data(tmp_path / "data")
+    # The second case is broken, so the pool has good work beside the bad one.
+    target = ds / ("label" if kind == "other_shape" else "validation") / "case_001.nii.gz"
+    target.unlink()
+    breaker = other_shape if kind == "other_shape" else BREAKERS[kind]
+    target = breaker(target, label=kind == "other_shape")
+    before = _snapshot(tmp_path / "out")
+    _one_line(run_script(*_final(tmp_path, workers_default=True)), target)
+    assert _snapshot(tmp_path / "out") == before
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Full disk and verified writes
+
+
+def test_full_disk_resample_keeps_the_previous_output(tmp_path):
+    """A short NIfTI write (ITK reports it on stderr only) is caught by the read-back, exit 2, and the
+    output of the previous run stays as it was; the rerun redoes it (no stamp is trusted)."""
+    raw = _raw_tree(tmp_path, n=1)
+    out = tmp_path / "out"
+    assert run_script("resample.py", "-p1", raw, "-p2", out, "--size", "64", "64").returncode == 0
+    before = _snapshot(out)
+    proc = run_limited(["resample.py", "-p1", raw, "-p2", out, "--size", "64", "64", "--overwrite"], 9000)
+    _one_line(proc, out)
+    # the label output fits under the limit and is rewritten (same content, new stamp)
+    assert _snapshot(out).keys() == before.keys()
+    assert {k: v for k, v in _snapshot(out).items() if "stamp" not in k} == \
+        {k: v for k, v in before.items() if "stamp" not in k}
+    assert not _parts(out)
+
+
+def test_full_disk_on_tmpfs_resample(tmp_path):
+    """The same on a really full disk (a 1 MiB tmpfs filled up), where mounting is permitted."""
+    raw = _raw_tree(tmp_path, n=1)
+    mnt = tmp_path / "disk"
+    with small_disk(mnt, 1024) as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        out = mnt / "out"
+        assert run_script("resample.py", "-p1", raw, "-p2", out, "--size", "64", "64").returncode == 0
+        before = _snapshot(out)
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 65536)
+        proc = run_script("resample.py", "-p1", raw, "-p2", out, "--size", "64", "64", "--overwrite")
+        line = _one_line(proc, mnt)
+        assert "No space left" in line or "not writable" in line or "verification" in line, line
+        assert {k: v for k, v in _snapshot(out).items() if "stamp" not in k} == \
+            {k: v for k, v in before.items() if "stamp" not in k}
+        assert not _parts(out)
+
+
+def test_full_disk_report_keeps_the_previous_report(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _valid_bytes(pred / "case_000.nii.gz", label=True)
+    _valid_bytes(gt / "case_000.nii.gz", label=True)
+    report = tmp_path / "out" / "r.csv"
+    argv = ["evaluate.py", "--pred", pred, "--gt", gt, "--out", report]
+    assert run_script(*argv).returncode == 0
+    before = _snapshot(tmp_path / "out")
+    _one_line(run_limited(argv, 200), tmp_path / "out")
+    assert _snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.slow
+def test_full_disk_png_keeps_the_previous_overlay(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _valid_bytes(pred / "case_000.nii.gz", label=True)
+    _valid_bytes(gt / "case_000.nii.gz", label=True)
+    img = tmp_path / "img"
+    img.mkdir()
+    _valid_bytes(img / "case_000.nii.gz")
+    argv = ["evaluate.py", "--pred", pred, "--gt", gt, "--out", tmp_path / "r.csv", "--png", tmp_path / "png",
+            "--image", img]
+    assert run_script(*argv).returncode == 0
+    before = _snapshot(tmp_path / "png")
+    # CSV/JSON are small and fit; the PNG does not
+    png_size = next((tmp_path / "png").iterdir()).stat().st_size
+    _one_line(run_limited(argv, max(png_size // 3, 3000)), tmp_path / "png")
+    assert _snapshot(tmp_path / "png") == before
+
+
+@pytest.mark.slow
+def test_full_disk_checkpoint_keeps_the_previous_checkpoints(tmp_path):
+    from engine.checkpoint import load_checkpoint
+
+    _seed_data(tmp_path / "data")
+    assert run_script(*_final(tmp_path)).returncode == 0
+    last = tmp_path / "out" / "resu_last_axial.pth.tar"
+    step = load_checkpoint(last)["step"]
+    before = _snapshot(tmp_path / "out")
+    proc = run_limited(_final(tmp_path, "--epochs", "4", "--resume"), last.stat().st_size // 2)
+    _one_line(proc, tmp_path / "out")
+    assert load_checkpoint(last)["step"] == step
+    after = _snapshot(tmp_path / "out")
+    assert {k: v for k, v in after.items() if k.endswith(".pth.tar")} == \
+        {k: v for k, v in before.items() if k.endswith(".pth.tar")}
+    assert not _parts(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_full_disk_cache_is_one_line_and_leaves_no_entry(tmp_path):
+    _seed_data(tmp_path / "data")
+    proc = run_limited(_final(tmp_path), 20000)
+    _one_line(proc, tmp_path / "cache")
+    entries = [p for p in (tmp_path / "cache").rglob("meta.json")]
+    for meta in entries:  # whatever was published is complete
+        assert (meta.parent / "image_axial.npy").stat().st_size > 0
+    assert not _parts(tmp_path / "cache")
+
+
+def test_write_volume_refuses_a_sheared_grid(tmp_path):
+    d = (1.0, 0.3, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(InputError, match="not orthonormal"):
+        write_volume(_volume(direction=d), tmp_path / "x.nii.gz")
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Up to date by content, stale .part files, umask
+
+
+def test_rerun_redoes_a_corrupted_output_with_a_newer_mtime(tmp_path):
+    from data.resample import resample_tree
+
+    raw = _raw_tree(tmp_path, n=1)
+    out = tmp_path / "out"
+    assert resample_tree(raw, out, (16, 16), log=lambda _: None)["resampled"] == 2
+    assert resample_tree(raw, out, (16, 16), log=lambda _: None)["skipped"] == 2
+    victim = out / "MSDSpleen" / "labeled" / "case_000.nii.gz"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated, and newer than its input
+    counts = resample_tree(raw, out, (16, 16), log=lambda _: None)
+    assert counts == {"resampled": 1, "copied": 0, "skipped": 1}
+    read_volume(victim)
+    stamp_path(victim).unlink()  # an output without a stamp (older version, killed run) is redone
+    assert resample_tree(raw, out, (16, 16), log=lambda _: None)["resampled"] == 1
+    assert resample_tree(raw, out, (32, 32), log=lambda _: None)["resampled"] == 2  # other settings
+
+
+def test_stale_part_files_are_removed_and_live_ones_kept(tmp_path):
+    from utils.fileio import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".a.nii.gz.{_HOST}-{dead.pid}.abc123.part.nii.gz"
+    live = tmp_path / f".b.nii.gz.{_HOST}-{os.getpid()}.abc123.part.nii.gz"
+    old_foreign = tmp_path / "sub" / ".c.npy.otherhost-1.x.part.npy"
+    new_foreign = tmp_path / ".d.npy.otherhost-1.x.part.npy"
+    stale_dir = tmp_path / f".entry.{_HOST}-{dead.pid}.q1.part"
+    for p in (stale, live, old_foreign, new_foreign):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+    stale_dir.mkdir()
+    (stale_dir / "image_axial.npy").write_bytes(b"x")
+    os.utime(old_foreign, (time.time() - 2 * 86400,) * 2)
+    removed = set(clean_stale_parts(tmp_path))
+    assert removed == {stale, old_foreign, stale_dir}
+    assert live.exists() and new_foreign.exists()
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        write_volume(_volume(), tmp_path / "v.nii.gz")
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        save_checkpoint({"model": {"w": torch.ones(1)}}, tmp_path / "c.pth.tar")
+        for name in ("v.nii.gz", "r.json", "c.pth.tar"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "private.json", {})
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_cache_entries_honour_the_umask(tmp_path):
+    from data.cache import build_cache
+    from data.config import load_config
+    from data.layout import discover
+
+    write_seed_dataset(tmp_path / "data", "MSDSpleen", n_labeled=1, n_unlabeled=0, n_val=1)
+    config = load_config()
+    old = os.umask(0o022)
+    try:
+        vols = build_cache(discover(config, tmp_path / "data", ["MSDSpleen"]), config, tmp_path / "cache",
+                           progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(vols[0].folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((vols[0].folder / "image_axial.npy").stat().st_mode) == 0o644
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Geometry at read: DICOM series, degenerate headers
+
+
+@pytest.fixture
+def dicom_series(tmp_path) -> Path:
+    vol = _volume(shape=(6, 16, 16))
+    return write_dicom_series(tmp_path / "series", vol.with_array(vol.array.astype(np.int16)))
+
+
+def test_complete_dicom_series_reads(dicom_series):
+    assert read_volume(dicom_series).geometry.shape == (6, 16, 16)
+
+
+def test_dicom_series_with_a_missing_slice_names_the_folder_and_gap(dicom_series):
+    (dicom_series / "slice_0003.dcm").unlink()
+    with pytest.raises(InputError, match="gap of 6 mm") as exc:
+        read_volume(dicom_series)
+    assert exc.value.path == str(dicom_series)
+
+
+def test_dicom_series_with_a_corrupt_slice_is_refused(dicom_series):
+    f = dicom_series / "slice_0002.dcm"
+    f.write_bytes(b"\0" * 200)
+    with pytest.raises(InputError) as exc:
+        read_volume(dicom_series)
+    assert exc.value.path in (str(dicom_series), str(f))
+
+
+def test_resample_dicom_gap_is_one_line(tmp_path, dicom_series):
+    (dicom_series / "slice_0001.dcm").unlink()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    dicom_series.rename(raw / "series")
+    _one_line(run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out", "--size", "16", "16"),
+              raw / "series")
+    assert not (tmp_path / "out" / "series.nii.gz").exists()
+
+
+def _zero_spacing_nifti(path: Path) -> Path:
+    """pixdim[2] = 0 in the header bytes (nibabel would recompute it from the affine); ITK reads 1 mm."""
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), dtype=np.int16), np.eye(4)), str(path))
+    data = bytearray(path.read_bytes())
+    data[76 + 2 * 4:76 + 3 * 4] = np.float32(0.0).tobytes()  # pixdim[2]
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _sheared_mha(path: Path) -> Path:
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementSpacing = 1 1 2\n"
+                    "TransformMatrix = 1 0 0 0.3 1 0 0 0 1\nOffset = 0 0 0\n"
+                    "ElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    with open(path, "ab") as fh:
+        fh.write(bytes(8 * 8 * 4 * 2))
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [(_zero_spacing_nifti, "invalid voxel spacing"),
+                                               (_sheared_mha, "not orthonormal")])
+def test_degenerate_headers_are_refused_at_read(tmp_path, make, message):
+    path = make(tmp_path / ("v.nii" if make is _zero_spacing_nifti else "v.mha"))
+    with pytest.raises(InputError, match=message):
+        read_volume(path)
+    from data.volume import read_geometry
+
+    with pytest.raises(InputError, match=message):
+        read_geometry(path)
+
+
+def test_resample_degenerate_header_is_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    bad = _sheared_mha(raw / "v.mha")
+    _one_line(run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out"), bad)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.mha"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Paths
+
+
+def test_dangling_symlink_and_folder_among_images_are_named(tmp_path):
+    from data.config import load_config
+    from data.layout import discover
+
+    ds = write_seed_dataset(tmp_path, "MSDSpleen", n_labeled=2, n_unlabeled=0, n_val=0)
+    link = ds / "labeled" / "case_009.nii.gz"
+    link.symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(InputError, match="dangling") as exc:
+        discover(load_config(), tmp_path, ["MSDSpleen"])
+    assert exc.value.path == str(link)
+    link.unlink()
+    (ds / "labeled" / "case_008.nii.gz").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        discover(load_config(), tmp_path, ["MSDSpleen"])
+
+
+def test_empty_labeled_folder_of_a_requested_dataset_is_an_error(tmp_path):
+    from data.config import load_config
+    from data.layout import discover
+
+    ds = write_seed_dataset(tmp_path, "MSDSpleen", n_labeled=0, n_unlabeled=2, n_val=0)
+    with pytest.raises(InputError, match="no labeled cases") as exc:
+        discover(load_config(), tmp_path, ["MSDSpleen"])
+    assert exc.value.path == str(ds / "labeled")
+
+
+def test_unwritable_output_is_found_before_training(tmp_path):
+    _seed_data(tmp_path / "data")
+    argv = _final(tmp_path)
+    argv[argv.index("--out") + 1] = "/proc/unimos_out"
+    _one_line(run_script(*argv), "/proc/unimos_out")
+    assert not (tmp_path / "cache").exists()  # no volume was read
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. kill -9 at random points, then a rerun
+
+
+def _kill_after(argv: list[str], delay: float) -> None:
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the group's other processes (pool workers) die asynchronously: wait until none is running
+    from utils.fileio import _pid_alive
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        group = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == proc.pid and _pid_alive(pid):
+                    group.append(pid)
+        if not group:
+            break
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_during_resample_then_rerun(tmp_path, seed):
+    raw = _raw_tree(tmp_path, n=4)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    argv = ["resample.py", "-p1", raw, "-p2", out, "--size", "48", "48", "--workers", "2"]
+    _kill_after(argv, random.Random(seed).uniform(1.0, 4.0))
+    proc = run_script(*argv)
+    assert proc.returncode == 0, proc.stderr
+    assert run_script("resample.py", "-p1", raw, "-p2", ref, "--size", "48", "48").returncode == 0
+    assert not _parts(out)
+    for f in ref.rglob("*.nii.gz"):
+        got = read_volume(out / f.relative_to(ref))
+        np.testing.assert_array_equal(got.array, read_volume(f).array)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_during_cache_build_then_rerun(tmp_path, seed):
+    from data.cache import _valid_entry
+
+    write_seed_dataset(tmp_path / "data", "MSDSpleen", n_labeled=4, n_unlabeled=0, n_val=2,
+                       shape=(16, 64, 64))
+    argv = _final(tmp_path, workers_default=True)
+    _kill_after(argv, random.Random(seed).uniform(2.0, 6.0))
+    proc = run_script(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not _parts(tmp_path / "cache")
+    entries = [p.parent for p in (tmp_path / "cache").rglob("meta.json")]
+    assert len(entries) == 6 and all(_valid_entry(e) for e in entries)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_during_training_then_resume_is_exact(tiny_data, tiny_runs, tmp_path, seed):
+    from tests.conftest import train_argv
+    from tests.test_resume import _assert_same_run
+
+    out = tmp_path / "out"
+    argv = ["Final.py", *train_argv(tiny_data, out, "--no-semi")]
+    _kill_after(argv, random.Random(seed).uniform(3.0, 9.0))
+    proc = run_script(*argv, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not _parts(out)
+    _assert_same_run(out, tiny_runs["sup"])
