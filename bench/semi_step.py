@@ -55,7 +55,8 @@ def _interleaved_times(fns, device, steps: int, warmup: int) -> list[list[float]
 def run(device: str = "auto", width: int | None = None, size: int | None = None, batch: int | None = None,
         unlabeled_batch: int | None = None, slices: int = 3, num_classes: int = 4, teacher: str = "ema",
         pseudo: str = "merged", amp: str | None = None, steps: int = 10, warmup: int = 3,
-        threads: int | None = None, seed: int = 0, norm: str | None = None) -> dict[str, Any]:
+        threads: int | None = None, seed: int = 0, norm: str | None = None,
+        fp: str = "encoder") -> dict[str, Any]:
     """Time the supervised and the semi-supervised training step on the same model and inputs.
 
     Args:
@@ -63,7 +64,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         width, size, batch: MOSNet width, square crop, labeled batch (None: CPU 16/128/4, CUDA 64/224/8).
         unlabeled_batch: size of each of the two unlabeled batches (None: ``batch``).
         slices, num_classes: 2.5D input slices and classes incl. background.
-        teacher, pseudo: semi-supervised settings (see ``engine.semi.SemiConfig``).
+        teacher, pseudo, fp: semi-supervised settings (see ``engine.semi.SemiConfig``).
         amp: ``off``/``bf16``/``fp16`` (None: bf16 on CUDA, off on CPU).
         steps, warmup: timed and untimed steps of each kind.
         threads: ``torch.set_num_threads`` (CPU); None leaves it.
@@ -116,7 +117,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and gpu)
     ema = EMATeacher(model) if teacher == "ema" else None
-    cfg = SemiConfig(pseudo=pseudo, teacher=teacher)
+    cfg = SemiConfig(pseudo=pseudo, teacher=teacher, fp=fp)
 
     g = torch.Generator().manual_seed(seed)
 
@@ -185,7 +186,7 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     name = torch.cuda.get_device_name(dev) if gpu else f"cpu ({torch.get_num_threads()} threads)"
     return {
         "device": name, "width": width, "size": size, "batch": batch, "unlabeled_batch": ub,
-        "slices": slices, "norm": norm, "amp": amp, "teacher": teacher, "pseudo": pseudo,
+        "slices": slices, "norm": norm, "amp": amp, "teacher": teacher, "pseudo": pseudo, "fp": fp,
         "sup_s_per_step": sup_t, "sup_s_per_step_min": sup_min,
         "semi_s_per_step": semi_t, "semi_s_per_step_min": semi_min,
         "time_ratio": semi_t / sup_t,
@@ -212,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--fp", choices=("encoder", "head"), default="encoder", help="feature perturbation")
     a = ap.parse_args(argv)
     r = run(device=a.device, width=a.width, size=a.size, batch=a.batch, unlabeled_batch=a.unlabeled_batch,
             slices=a.slices, num_classes=a.classes, teacher=a.teacher, pseudo=a.pseudo, amp=a.amp,
-            steps=a.steps, warmup=a.warmup, threads=a.threads, norm=a.norm)
+            steps=a.steps, warmup=a.warmup, threads=a.threads, norm=a.norm, fp=a.fp)
     u = r["unlabeled_batch"]
     print(f"{r['device']}: width {r['width']} {r['size']}x{r['size']} batch {r['batch']}+{u}+{u} "
           f"slices {r['slices']} {r['norm']} norm amp {r['amp']} teacher {r['teacher']} "
