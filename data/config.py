@@ -71,6 +71,8 @@ class Config:
         datasets: the datasets, in the order training cycles through them.
         hu_window: CT intensities clipped to this window and scaled to [-1, 1].
         inplane_size: ``resample.py``'s in-plane grid (s1, s2).
+        inplane_spacing: None = pad each slice with air to the grid's aspect, then resize (default);
+            a spacing in mm = resample to it, then pad or crop to the grid (see data/inplane.py).
         components: organs kept as more than one connected component in post-processing.
         class_weights: cross-entropy weight of background and of organs (the original's 0.2/1.2).
         source: the YAML file this came from (for messages).
@@ -80,6 +82,7 @@ class Config:
     datasets: tuple[DatasetSpec, ...]
     hu_window: tuple[float, float] = (-200.0, 200.0)
     inplane_size: tuple[int, int] = (256, 256)
+    inplane_spacing: float | None = None
     components: dict[str, int] = field(default_factory=lambda: {"kidney": 2})
     class_weights: tuple[float, float] = (0.2, 1.2)
     source: str = "<memory>"
@@ -197,7 +200,8 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
     """
     if not isinstance(raw, dict):
         raise InputError(source, "config must be a YAML mapping")
-    allowed = {"organs", "datasets", "hu_window", "inplane_size", "components", "class_weights"}
+    allowed = {"organs", "datasets", "hu_window", "inplane_size", "inplane_spacing", "components",
+               "class_weights"}
     unknown = set(raw) - allowed
     if unknown:
         raise InputError(source, f"unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -222,6 +226,12 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
         kwargs["hu_window"] = (lo, hi)
     if "inplane_size" in raw:
         kwargs["inplane_size"] = _as_pair(raw["inplane_size"], "inplane_size", source, int)
+    if raw.get("inplane_spacing") is not None:
+        sp = raw["inplane_spacing"]
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0 < sp < 100:
+            raise InputError(source, f"'inplane_spacing' must be a spacing in mm (0 < s < 100) or null, "
+                             f"got {sp!r}")
+        kwargs["inplane_spacing"] = float(sp)
     if "class_weights" in raw:
         kwargs["class_weights"] = _as_pair(raw["class_weights"], "class_weights", source)
     if "components" in raw:
@@ -256,6 +266,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "organs": list(config.organs),
         "hu_window": list(config.hu_window),
         "inplane_size": list(config.inplane_size),
+        "inplane_spacing": config.inplane_spacing,
         "components": dict(config.components),
         "class_weights": list(config.class_weights),
         "datasets": {

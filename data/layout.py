@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.config import Config, DatasetSpec
-from data.volume import VOLUME_SUFFIXES, strip_volume_suffix
+from data.volume import VOLUME_SUFFIXES, is_dicom_dir, strip_volume_suffix
 from utils.errors import InputError
 
 SPLITS = ("labeled", "validation", "unlabeled")
@@ -60,12 +60,6 @@ def _case_sort_key(case: Case) -> tuple:
     return (SPLITS.index(case.split), _natural_key(case.case_id))
 
 
-def _looks_like_dicom_dir(path: Path) -> bool:
-    # Cheap test (no header parsing): files without suffix or with .dcm/.ima, and nothing else volume-like.
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() in ("", ".dcm", ".ima") for p in files)
-
-
 def _volumes_in(folder: Path) -> list[Path]:
     """Volume files and DICOM series folders directly inside ``folder`` (hidden files skipped)."""
     if not folder.is_dir():
@@ -75,7 +69,7 @@ def _volumes_in(folder: Path) -> list[Path]:
         if p.name.startswith("."):
             continue  # also skips macOS "._x.nii.gz" resource forks shipped with MSD
         is_file_volume = p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
-        if is_file_volume or (p.is_dir() and _looks_like_dicom_dir(p)):
+        if is_file_volume or (p.is_dir() and is_dicom_dir(p)):
             out.append(p)
     return out
 

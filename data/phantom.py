@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from data.volume import Geometry, Volume, orientation_of, write_volume
+from data.volume import Geometry, Volume, to_storage, write_volume
 from utils.errors import InputError
 
 BASE_SIZE = 256  # largest in-plane grid painted before upsampling
@@ -721,45 +721,6 @@ def make_phantom(rng: np.random.Generator, spec: PhantomSpec) -> tuple[Volume, n
     geo = Geometry(shape=(nz, n, n), spacing=(float(s), float(s), float(sz)),
                    origin=tuple(float(o) for o in origin))  # type: ignore[arg-type]
     return Volume(image, geo), tissue
-
-
-def to_storage(volume: Volume, direction: Sequence[float]) -> Volume:
-    """Store a canonical volume with another axis order / flips, keeping the physical voxels.
-
-    Args:
-        volume: canonical volume (identity direction, as :func:`make_phantom` returns).
-        direction: target direction matrix (row-major, a signed permutation).
-
-    Returns:
-        The same voxels in the target order, with matching spacing, origin and direction, so that
-        :func:`data.volume.to_canonical` gives ``volume`` back exactly.
-
-    Raises:
-        ValueError: ``direction`` is not a signed permutation or ``volume`` is not canonical.
-    """
-    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    if not (np.allclose(np.abs(d).sum(axis=0), 1) and np.allclose(np.abs(d).sum(axis=1), 1)
-            and set(np.unique(np.abs(d))) <= {0.0, 1.0}):
-        raise ValueError(f"direction {tuple(direction)} is not a signed permutation")
-    if not np.allclose(volume.geometry.direction_matrix, np.eye(3)):
-        raise ValueError("to_storage expects a canonical (identity-direction) volume")
-    ori = orientation_of(d)
-    geo = volume.geometry
-    csize = geo.size
-    start = np.array([csize[c] - 1 if ori.flip[c] else 0 for c in range(3)], dtype=np.float64)
-    origin = geo.index_to_world(start)
-    spacing = [0.0, 0.0, 0.0]
-    for c in range(3):
-        spacing[ori.perm[c]] = float(geo.spacing[c])
-    view = ori.invert(volume.array)
-    # Copy in slabs: a permuted copy of a whole volume at once thrashes the cache (3x slower).
-    array = np.empty(view.shape, dtype=view.dtype)
-    for j in range(0, view.shape[1], 16):
-        array[:, j:j + 16] = view[:, j:j + 16]
-    return Volume(array, Geometry(shape=tuple(int(v) for v in array.shape),  # type: ignore[arg-type]
-                                  spacing=tuple(spacing),  # type: ignore[arg-type]
-                                  origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
-                                  direction=tuple(float(v) for v in d.ravel())))
 
 
 # ----------------------------------------------------------------------------------------------

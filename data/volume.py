@@ -22,6 +22,7 @@ Axis-order contract (used everywhere in UniMOS)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,54 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
     return Volume(array, new_geo), ori
 
 
+def to_storage(volume: Volume, target: Orientation | Sequence[float]) -> Volume:
+    """The inverse of :func:`to_canonical`: store a canonical volume in another axis order / flips.
+
+    Args:
+        volume: a canonical volume (as :func:`to_canonical` returns, any direction close to LPS).
+        target: the :class:`Orientation` that :func:`to_canonical` returned for the original grid,
+            or a direction matrix (row-major signed permutation; ``volume`` must then have the
+            identity direction, as the phantom generator's volumes have).
+
+    Returns:
+        The same physical voxels in the target order, with matching spacing, origin and direction, so
+        that :func:`to_canonical` gives ``volume`` back exactly.
+
+    Raises:
+        ValueError: a direction that is not a signed permutation, or a non-identity ``volume``
+            direction with one.
+    """
+    geo = volume.geometry
+    if isinstance(target, Orientation):
+        ori = target
+    else:
+        d = np.asarray(target, dtype=np.float64).reshape(3, 3)
+        if not (np.allclose(np.abs(d).sum(axis=0), 1) and np.allclose(np.abs(d).sum(axis=1), 1)
+                and set(np.unique(np.abs(d))) <= {0.0, 1.0}):
+            raise ValueError(f"direction {tuple(target)} is not a signed permutation")
+        if not np.allclose(geo.direction_matrix, np.eye(3)):
+            raise ValueError("to_storage with a direction expects a canonical (identity-direction) volume")
+        ori = orientation_of(d)
+    cd = geo.direction_matrix
+    csize = geo.size
+    start = np.array([csize[c] - 1 if ori.flip[c] else 0 for c in range(3)], dtype=np.float64)
+    origin = geo.index_to_world(start)
+    spacing = [0.0, 0.0, 0.0]
+    new_d = np.zeros((3, 3))
+    for c in range(3):
+        spacing[ori.perm[c]] = float(geo.spacing[c])
+        new_d[:, ori.perm[c]] = -cd[:, c] if ori.flip[c] else cd[:, c]
+    view = ori.invert(volume.array)
+    # Copy in slabs: a permuted copy of a whole volume at once thrashes the cache (3x slower).
+    array = np.empty(view.shape, dtype=view.dtype)
+    for j in range(0, view.shape[1], 16):
+        array[:, j:j + 16] = view[:, j:j + 16]
+    return Volume(array, Geometry(shape=tuple(int(v) for v in array.shape),  # type: ignore[arg-type]
+                                  spacing=tuple(spacing),  # type: ignore[arg-type]
+                                  origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+                                  direction=tuple(float(v) for v in new_d.ravel())))
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading and writing
 
@@ -207,6 +256,30 @@ def strip_volume_suffix(name: str) -> str:
         if lower.endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+DICOM_SUFFIXES = ("", ".dcm", ".ima")
+
+
+def is_dicom_dir(path: str | Path) -> bool:
+    """The one rule for "this folder is a DICOM series" (layout discovery, resample.py, segment.py,
+    evaluate.py): at least one non-hidden file, and every one named like DICOM (no suffix, ``.dcm``,
+    ``.ima``). No header is parsed, so discovery stays cheap; a folder that passes but holds no
+    readable series stops with one line when it is read (:func:`read_volume`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in DICOM_SUFFIXES for p in files)
+
+
+def output_name(name: str) -> str:
+    """The file name a volume named ``name`` is written under (resample.py, segment.py).
+
+    A ``.mhd`` header points at a separate ``.raw`` file that an atomic rename would orphan, so
+    ``.mhd`` becomes ``.mha``; other names are kept.
+    """
+    return name[:-4] + ".mha" if name.lower().endswith(".mhd") else name
 
 
 def _sitk():

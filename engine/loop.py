@@ -124,6 +124,10 @@ def _log(dist: DistInfo, msg: str) -> None:
 def _overrides(config: Config, args: Any) -> Config:
     if getattr(args, "inplane", None):
         config = replace(config, inplane_size=(int(args.inplane[0]), int(args.inplane[1])))
+    if getattr(args, "spacing", None) is not None:  # physical in-plane mode, kept in the checkpoint
+        if not 0 < args.spacing < 100:
+            raise InputError(None, f"--spacing must be an in-plane spacing in mm, got {args.spacing}")
+        config = replace(config, inplane_spacing=float(args.spacing))
     if getattr(args, "hu_window", None):
         config = replace(config, hu_window=(float(args.hu_window[0]), float(args.hu_window[1])))
     if getattr(args, "class_weights", None):

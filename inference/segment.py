@@ -298,7 +298,9 @@ def _common_config(models: Sequence[LoadedModel]) -> Config:
     for m in models[1:]:
         for what, a, b in (("organs", m.organs, first.organs),
                            ("HU window", m.config.hu_window, first.config.hu_window),
-                           ("in-plane size", m.config.inplane_size, first.config.inplane_size)):
+                           ("in-plane size", m.config.inplane_size, first.config.inplane_size),
+                           ("in-plane spacing", (m.config.inplane_spacing,),
+                            (first.config.inplane_spacing,))):
             if tuple(a) != tuple(b):
                 raise InputError(m.path, f"checkpoint {what} {tuple(a)} differs from {first.path}'s "
                                  f"{tuple(b)}; models fused together must share it")
@@ -384,7 +386,9 @@ def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, 
     for m in models:
         m.model.eval().to(dev)
 
-    canon, orientation = preprocess_image(volume, config.hu_window, config.inplane_size)
+    # The checkpoint's in-plane mode (old checkpoints: pad mode); never crop at inference.
+    canon, orientation, plan = preprocess_image(volume, config.hu_window, config.inplane_size,
+                                                config.inplane_spacing, allow_crop=False)
     image, spacing = canon.array, canon.geometry.spacing
     del canon
     c = models[0].num_classes
@@ -421,9 +425,13 @@ def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, 
     probs /= np.float32(len(models))
 
     # The canonical shape of the original grid: transposing a zero-stride view costs nothing.
+    # Undo the in-plane plan: drop the grid padding, resample to the padded source grid, drop the
+    # air padding (after the argmax: cropping commutes with it).
     canonical_shape = orientation.apply(np.broadcast_to(np.uint8(0), volume.array.shape)).shape
-    labels = probabilities_to_labels(probs, canonical_shape, dev)
+    probs = plan.crop_post(probs)
+    labels = probabilities_to_labels(probs, (canonical_shape[0], *plan.padded), dev)
     del probs
+    labels = np.ascontiguousarray(plan.crop_pre(labels))
     if postprocess:
         keep_largest_components(labels, config, inplace=True)
     out = np.ascontiguousarray(orientation.invert(labels))
@@ -446,7 +454,7 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
         InputError: missing input, empty folder, output that would overwrite an input, or an output
             name without a volume suffix.
     """
-    from data.volume import VOLUME_SUFFIXES
+    from data.volume import VOLUME_SUFFIXES, output_name
     from inference.evaluation import list_volume_files
 
     src, dst = Path(input_path), Path(output_path)
@@ -462,7 +470,7 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
         return dst
 
     if src.is_file():
-        out = as_file(_output_name(src.name))
+        out = as_file(output_name(src.name))
         if out.resolve() == src.resolve():
             raise InputError(out, "output would overwrite the input")
         return [(src, out)]
@@ -473,9 +481,4 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
         raise InputError(dst, "input is a folder of volumes, so the output must be a folder")
     if dst.resolve() == src.resolve():
         raise InputError(dst, "output folder must differ from the input folder")
-    return [(f, dst / _output_name(f.name)) for f in files]
-
-
-def _output_name(name: str) -> str:
-    # a .mhd header points at a .raw file that an atomic rename would orphan: write .mha instead
-    return name[:-4] + ".mha" if name.lower().endswith(".mhd") else name
+    return [(f, dst / output_name(f.name)) for f in files]
