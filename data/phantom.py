@@ -122,6 +122,8 @@ class DatasetStyle:
         labels: tissue name -> value in this dataset's label files (other tissues are 0).
         liver_tumours / kidney_tumours: tumour counts drawn from per case.
         unlabeled: whether the dataset has an unlabeled/ split.
+        tight_prob: probability that a case is a body-tight, non-square crop instead of the
+            scanner's square field of view (``inplane_size`` x ``inplane_spacing``: 358-500 mm).
     """
 
     name: str
@@ -140,6 +142,7 @@ class DatasetStyle:
     liver_tumours: tuple[int, ...] = (0,)
     kidney_tumours: tuple[int, ...] = (0,)
     unlabeled: bool = True
+    tight_prob: float = 0.3
 
 
 _RAS_LIKE = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # i -> right, j -> anterior (dcm2niix)
@@ -151,25 +154,25 @@ _LPS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 DATASET_STYLES: dict[str, DatasetStyle] = {
     "LiTS": DatasetStyle(
         name="LiTS", code=1, image_name="volume-{n}.nii", label_name="segmentation-{n}.nii",
-        first_number=0, inplane_size=512, inplane_spacing=(0.70, 0.82),
+        first_number=0, inplane_size=512, inplane_spacing=(0.70, 0.96),
         slice_spacing=(2.5, 3.0, 4.0, 5.0), direction=_RAS_LIKE, dtype="int16", hu_offset=0.0,
         noise_sigma=(10.0, 16.0), labels={"liver": 1, "liver_tumour": 2},
         liver_tumours=(0, 1, 1, 2, 2, 3)),
     "KiTS": DatasetStyle(
         name="KiTS", code=2, image_name="scan_{n:05d}.nii.gz", label_name="label_{n:05d}.nii.gz",
-        first_number=0, inplane_size=512, inplane_spacing=(0.72, 0.90),
+        first_number=0, inplane_size=512, inplane_spacing=(0.72, 0.97),
         slice_spacing=(3.0, 4.0, 5.0), direction=_SLICES_FIRST, dtype="int16", hu_offset=0.0,
         noise_sigma=(12.0, 18.0),
         labels={"kidney_r": 1, "kidney_l": 1, "kidney_tumour_r": 2, "kidney_tumour_l": 2},
         kidney_tumours=(1,)),
     "MSDSpleen": DatasetStyle(
         name="MSDSpleen", code=3, image_name="spleen_{n}.nii.gz", label_name="spleen_{n}.nii.gz",
-        first_number=1, inplane_size=256, inplane_spacing=(1.40, 1.64), slice_spacing=(5.0,),
+        first_number=1, inplane_size=256, inplane_spacing=(1.40, 1.92), slice_spacing=(5.0,),
         direction=_ANTERIOR_INFERIOR, dtype="float32", hu_offset=30.0, noise_sigma=(14.0, 20.0),
         labels={"spleen": 1}),
     "BTCV": DatasetStyle(
         name="BTCV", code=4, image_name="img{n:04d}.nii.gz", label_name="label{n:04d}.nii.gz",
-        first_number=1, inplane_size=512, inplane_spacing=(0.70, 0.85), slice_spacing=(2.5, 3.0, 4.0),
+        first_number=1, inplane_size=512, inplane_spacing=(0.70, 0.94), slice_spacing=(2.5, 3.0, 4.0),
         direction=_LPS, dtype="int16", hu_offset=-10.0, noise_sigma=(10.0, 16.0),
         labels={"spleen": 1, "kidney_r": 2, "kidney_l": 3, "gallbladder": 4, "liver": 6,
                 "stomach": 7, "stomach_gas": 7, "aorta": 8, "ivc": 9, "pancreas": 11},
@@ -645,6 +648,10 @@ class PhantomSpec:
         dtype: output dtype (values are rounded to integers in any case).
         base_size: in-plane size above which the phantom is painted coarser and upsampled.
         smooth: in-plane Gaussian smoothing (voxels of the painted grid): partial volume.
+        crop_margin: None = the scanner's square field of view ``inplane_size`` voxels wide;
+            ``(mx, my)`` mm = a body-tight crop: the body's extent plus this margin on each side
+            (left-right, anterior-posterior), so the grid is not square.
+        z_margin: extra coverage (mm) below and above the organs: more or fewer slices.
     """
 
     inplane_size: int = 128
@@ -657,6 +664,8 @@ class PhantomSpec:
     dtype: str = "int16"
     base_size: int = BASE_SIZE
     smooth: float = 0.6
+    crop_margin: tuple[float, float] | None = None
+    z_margin: tuple[float, float] = (0.0, 0.0)
 
 
 def _base_factor(n: int, base: int) -> int:
@@ -664,6 +673,20 @@ def _base_factor(n: int, base: int) -> int:
     while n % f:
         f -= 1
     return f
+
+
+def _grid_size(anatomy: Anatomy, spec: PhantomSpec, z_lo: float, z_hi: float) -> tuple[int, int, int]:
+    """In-plane voxels ``(nx, ny)`` and the painting factor ``f`` (dividing both) of a phantom."""
+    n = spec.inplane_size
+    if spec.crop_margin is None:
+        return n, n, _base_factor(n, spec.base_size)
+    # Body-tight: the body's (fat layer's) extent over the imaged slices, plus the margins; the body
+    # offset drawn by make_phantom (<= 8 mm) is covered by a margin of at least 8 mm.
+    lo, hi = anatomy.steps[0].shape.bounds(z_lo, z_hi)
+    size = [(hi[a] - lo[a] + 2.0 * spec.crop_margin[a]) / spec.inplane_spacing for a in (0, 1)]
+    f = max(1, int(max(size)) // max(spec.base_size, 1))
+    nx, ny = (max(16, int(math.ceil(v / f)) * f) for v in size)
+    return nx, ny, f
 
 
 def make_phantom(rng: np.random.Generator, spec: PhantomSpec) -> tuple[Volume, np.ndarray]:
@@ -679,21 +702,19 @@ def make_phantom(rng: np.random.Generator, spec: PhantomSpec) -> tuple[Volume, n
         :data:`TISSUES`).
     """
     anatomy = draw_anatomy(rng, spec.liver_tumours, spec.kidney_tumours)
-    n, s, sz = spec.inplane_size, spec.inplane_spacing, spec.slice_spacing
-    f = _base_factor(n, spec.base_size)
-    z_lo, z_hi = anatomy.z_range
+    s, sz = spec.inplane_spacing, spec.slice_spacing
+    z_lo, z_hi = anatomy.z_range[0] - spec.z_margin[0], anatomy.z_range[1] + spec.z_margin[1]
     nz = int(math.ceil((z_hi - z_lo) / sz)) + 1
     # The body sits near the centre of the field of view (and inside its circle: half-width at most
     # 162 + 7 + 8 mm < 179 mm, the smallest radius of the styles); the table height is arbitrary.
     body = rng.uniform(-8.0, 8.0, 2)
     table_z = float(rng.uniform(-400.0, -150.0))
-    origin = (-(n - 1) * s / 2.0, -(n - 1) * s / 2.0, table_z + z_lo)
-    nb = n // f
+    nx, ny, f = _grid_size(anatomy, spec, z_lo, z_hi)
+    origin = (-(nx - 1) * s / 2.0, -(ny - 1) * s / 2.0, table_z + z_lo)
     # Painted voxel b covers full voxels f*b .. f*b+f-1: its centre is at full index f*b + (f-1)/2.
-    centres = (np.arange(nb) * f + (f - 1) / 2.0) * s
     grid = Grid(z=(z_lo + np.arange(nz) * sz).astype(np.float32),
-                y=(origin[1] + centres - body[1]).astype(np.float32),
-                x=(origin[0] + centres - body[0]).astype(np.float32))
+                y=(origin[1] + (np.arange(ny // f) * f + (f - 1) / 2.0) * s - body[1]).astype(np.float32),
+                x=(origin[0] + (np.arange(nx // f) * f + (f - 1) / 2.0) * s - body[0]).astype(np.float32))
     tissue = rasterize(anatomy, grid)
 
     hu = np.array([rng.uniform(*t.hu) for t in TISSUES], dtype=np.float32)
@@ -711,14 +732,16 @@ def make_phantom(rng: np.random.Generator, spec: PhantomSpec) -> tuple[Volume, n
         tissue = np.repeat(np.repeat(tissue, f, axis=1), f, axis=2)
     image += np.float32(spec.hu_offset)
     np.rint(image, out=image)
-    # Outside the scanner's circular reconstruction field the value is padding, as in real CT.
-    r = (np.arange(n) - (n - 1) / 2.0) / (n / 2.0)
-    image[:, r[:, None] ** 2 + r[None, :] ** 2 > 1.0] = PADDING_HU
+    # Outside the scanner's circular reconstruction field the value is padding, as in real CT (a
+    # body-tight crop lies inside that circle: it was cut from a square field of view).
+    if spec.crop_margin is None:
+        r = (np.arange(nx) - (nx - 1) / 2.0) / (nx / 2.0)
+        image[:, r[:, None] ** 2 + r[None, :] ** 2 > 1.0] = PADDING_HU
     if spec.dtype == "int16":
         image = np.clip(image, -1024, 3071).astype(np.int16)
     else:
         image = image.astype(spec.dtype)
-    geo = Geometry(shape=(nz, n, n), spacing=(float(s), float(s), float(sz)),
+    geo = Geometry(shape=(nz, ny, nx), spacing=(float(s), float(s), float(sz)),
                    origin=tuple(float(o) for o in origin))  # type: ignore[arg-type]
     return Volume(image, geo), tissue
 
@@ -733,18 +756,32 @@ def case_rng(seed: int, name: str, number: int) -> np.random.Generator:
 
 
 def draw_spec(rng: np.random.Generator, style: DatasetStyle, scale: float = 1.0) -> PhantomSpec:
-    """Per-case grid and intensity settings of a dataset; ``scale`` shrinks the in-plane size."""
+    """Per-case grid and intensity settings of a dataset; ``scale`` shrinks the in-plane size.
+
+    Field-of-view variety: a case is a body-tight crop (8-30 mm left and right of the body, 15-40 mm
+    in front and behind: about 310-400 x 250-330 mm, non-square) with probability
+    ``style.tight_prob``, else the scanner's square field of view (358-500 mm over the styles);
+    0-40 mm of extra coverage below and 0-15 mm above the organs vary the slice count.
+    """
     n = max(16, int(round(style.inplane_size * scale)))
     spacing = float(rng.uniform(*style.inplane_spacing)) * style.inplane_size / n
+    slice_spacing = float(rng.choice(style.slice_spacing))
+    noise = float(rng.uniform(*style.noise_sigma))
+    liver_t, kidney_t = int(rng.choice(style.liver_tumours)), int(rng.choice(style.kidney_tumours))
+    tight = bool(rng.uniform() < style.tight_prob)
+    margin = (float(rng.uniform(8.0, 30.0)), float(rng.uniform(15.0, 40.0)))
+    z_margin = (float(rng.uniform(0.0, 40.0)), float(rng.uniform(0.0, 15.0)))
     return PhantomSpec(
         inplane_size=n,
         inplane_spacing=round(spacing, 6),
-        slice_spacing=float(rng.choice(style.slice_spacing)),
+        slice_spacing=slice_spacing,
         hu_offset=style.hu_offset,
-        noise_sigma=float(rng.uniform(*style.noise_sigma)),
-        liver_tumours=int(rng.choice(style.liver_tumours)),
-        kidney_tumours=int(rng.choice(style.kidney_tumours)),
+        noise_sigma=noise,
+        liver_tumours=liver_t,
+        kidney_tumours=kidney_t,
         dtype=style.dtype,
+        crop_margin=margin if tight else None,
+        z_margin=z_margin,
     )
 
 
@@ -819,7 +856,7 @@ def write_dataset(out: str | Path, name: str, cases: int, unlabeled: int, val: i
     # Claim every file this run may touch before writing any, so an interrupted run is cleaned up.
     _write_marker(folder, old | new, info)
     lut = label_lut(style)
-    spacings, slices, sizes = [], [], set()
+    spacings, slices, sizes, fovs = [], [], set(), []
     for _split, n, image_rel, label_rel in plan:
         image, tissue = make_case(seed, name, n, scale)
         stored = to_storage(image, style.direction)
@@ -830,7 +867,8 @@ def write_dataset(out: str | Path, name: str, cases: int, unlabeled: int, val: i
         g = image.geometry
         spacings.append(g.spacing)
         slices.append(g.shape[0])
-        sizes.add(g.shape[1])
+        sizes.add(g.shape[1:])
+        fovs.append((g.shape[2] * g.spacing[0], g.shape[1] * g.spacing[1]))
     for rel in sorted(old - new):
         parts = Path(rel).parts
         # Only files synth.py itself names: a split folder and a file name (no '..', no absolute).
@@ -842,7 +880,7 @@ def write_dataset(out: str | Path, name: str, cases: int, unlabeled: int, val: i
         (folder / split).mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "folder": str(folder), **{k: len(v) for k, v in numbers.items()},
-        "inplane_size": sorted(sizes), "dtype": style.dtype,
+        "inplane_shape": [list(v) for v in sorted(sizes)], "dtype": style.dtype,
         "image_name": style.image_name, "label_name": style.label_name,
         "seconds": round(time.time() - t0, 2),
     }
@@ -850,7 +888,10 @@ def write_dataset(out: str | Path, name: str, cases: int, unlabeled: int, val: i
         sp = np.asarray(spacings)
         summary.update(inplane_spacing=[float(sp[:, 0].min()), float(sp[:, 0].max())],
                        slice_spacing=[float(sp[:, 2].min()), float(sp[:, 2].max())],
-                       slices=[int(min(slices)), int(max(slices))])
+                       slices=[int(min(slices)), int(max(slices))],
+                       fov_mm=[round(float(min(min(f) for f in fovs)), 1),
+                               round(float(max(max(f) for f in fovs)), 1)],
+                       square=sum(1 for w, h in fovs if w == h), tight=sum(1 for w, h in fovs if w != h))
     return summary
 
 
@@ -859,9 +900,10 @@ def describe(name: str, summary: dict[str, Any]) -> str:
     line = (f"{name}: {summary['labeled']} labeled, {summary['validation']} validation, "
             f"{summary['unlabeled']} unlabeled")
     if "slices" in summary:
-        size = "/".join(str(s) for s in summary["inplane_size"])
         sp, ss, sl = summary["inplane_spacing"], summary["slice_spacing"], summary["slices"]
-        line += (f"; {size}x{size} at {sp[0]:.2f}-{sp[1]:.2f} mm, {sl[0]}-{sl[1]} slices of "
+        fov = summary["fov_mm"]
+        line += (f"; fields of view {fov[0]:.0f}-{fov[1]:.0f} mm, {len(summary['inplane_shape'])} grid "
+                 f"shapes at {sp[0]:.2f}-{sp[1]:.2f} mm, {sl[0]}-{sl[1]} slices of "
                  f"{ss[0]:g}-{ss[1]:g} mm, {summary['dtype']}")
     return f"{line} -> {summary['folder']} ({summary['seconds']:.1f} s)"
 
