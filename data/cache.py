@@ -74,6 +74,7 @@ def cache_key_inputs(case: Case, config: Config) -> dict[str, Any]:
         "inplane_size": [int(v) for v in config.inplane_size],
         "inplane_spacing": config.inplane_spacing,
         "label_map": {str(v): int(lut[v]) for v in sorted(spec.labels)},
+        "other_background": spec.other_background,
     }
 
 

@@ -20,6 +20,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 LAYOUTS = ("auto", "seed", "msd", "kits19")
 # A label value may be declared as background: structures a dataset labels but UniMOS does not model.
 BACKGROUND = "background"
+# `other: background` in a dataset's labels: every value not listed is background (explicit, never implied).
+OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class DatasetSpec:
         val_fraction: for layouts without a validation folder, the share of labeled cases
             (the last ones in sorted order) held out for validation.
         optional: a missing folder is skipped instead of being an error.
+        other_background: ``other: background`` in ``labels``: values not listed are background
+            instead of an error (label maps of other tools with many structures, e.g. TotalSegmentator).
     """
 
     name: str
@@ -49,6 +53,7 @@ class DatasetSpec:
     label_token: str | None = None
     val_fraction: float = 0.2
     optional: bool = False
+    other_background: bool = False
 
     def folder(self, data_root: str | Path) -> Path:
         p = Path(self.path) if self.path else Path(self.name)
@@ -118,9 +123,10 @@ class Config:
         return set(dataset.organ_names()) == set(self.organs)
 
     def label_lut(self, dataset: DatasetSpec) -> np.ndarray:
-        """Lookup table file value -> class index; undeclared values map to 255."""
+        """Lookup table file value -> class index; undeclared values map to 255 (0 with
+        ``other: background``)."""
         top = max([0, *dataset.labels.keys()])
-        lut = np.full(max(256, top + 1), 255, dtype=np.uint8)
+        lut = np.full(max(256, top + 1), 0 if dataset.other_background else 255, dtype=np.uint8)
         lut[0] = 0
         for value, organ in dataset.labels.items():
             lut[value] = 0 if organ == BACKGROUND else self.organ_index(organ)
@@ -141,6 +147,9 @@ class Config:
         if values.size and values.min() < 0:
             raise InputError(path, f"label map has negative values {values[values < 0][:5].tolist()}")
         lut = self.label_lut(dataset)
+        if dataset.other_background:  # nothing is undeclared; values past the table are background
+            lut = np.append(lut, np.uint8(0))
+            return lut[np.minimum(array.astype(np.int64), lut.size - 1)]
         declared = set(dataset.labels) | {0}
         undeclared = [int(v) for v in values if int(v) not in declared]
         if undeclared:
@@ -167,7 +176,12 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
     if not isinstance(labels_raw, dict) or not labels_raw:
         raise InputError(source, f"dataset '{name}' needs 'labels': a map of file value -> organ")
     labels: dict[int, str] = {}
+    other = labels_raw.get(OTHER)
+    if other is not None and other != BACKGROUND:
+        raise InputError(source, f"dataset '{name}': '{OTHER}' may only be '{BACKGROUND}', got {other!r}")
     for value, organ in labels_raw.items():
+        if value == OTHER:
+            continue
         try:
             v = int(value)
         except (TypeError, ValueError):
@@ -189,7 +203,8 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
         raise InputError(source, f"dataset '{name}': give both image_token and label_token or neither")
     return DatasetSpec(name=name, labels=labels, path=raw.get("path"), layout=layout,
                        image_token=image_token, label_token=label_token,
-                       val_fraction=val_fraction, optional=bool(raw.get("optional", False)))
+                       val_fraction=val_fraction, optional=bool(raw.get("optional", False)),
+                       other_background=other is not None)
 
 
 def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
@@ -271,7 +286,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "class_weights": list(config.class_weights),
         "datasets": {
             d.name: {
-                "labels": {int(k): v for k, v in d.labels.items()},
+                "labels": {**{int(k): v for k, v in d.labels.items()},
+                           **({OTHER: BACKGROUND} if d.other_background else {})},
                 **({"path": d.path} if d.path else {}),
                 "layout": d.layout,
                 **({"image_token": d.image_token, "label_token": d.label_token}

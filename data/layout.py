@@ -78,12 +78,23 @@ def _stem(path: Path) -> str:
     return strip_volume_suffix(path.name)
 
 
-def _key(path: Path, token: str | None) -> str:
+def case_key(path: Path, token: str | None = None) -> str:
+    """The name that pairs an image with its label (training) and a prediction with its ground truth
+    (scoring): the file name without its volume suffix, minus the first ``token``.
+
+    ``volume-7.nii`` with token ``volume`` -> ``-7``, which pairs with ``segmentation-7.nii`` (token
+    ``segmentation``).
+    """
     stem = _stem(path)
     return stem.replace(token, "", 1) if token else stem
 
 
-def _index_by_key(paths: list[Path], key_of, what: str) -> dict[str, Path]:
+def index_by_key(paths: list[Path], key_of, what: str) -> dict[str, Path]:
+    """``{case key: path}``; two paths with one key are an error.
+
+    Raises:
+        InputError: naming the second path of a duplicate key.
+    """
     index: dict[str, Path] = {}
     for p in paths:
         k = key_of(p)
@@ -126,8 +137,8 @@ def _discover_seed(spec: DatasetSpec, folder: Path) -> list[Case]:
     all_images = [p for split in SPLITS for p in images[split]]
     if not all_images:
         raise InputError(folder, "no images found in labeled/, validation/ or unlabeled/")
-    img_index = _index_by_key(all_images, lambda p: _key(p, spec.image_token), "images")
-    lab_index = _index_by_key(labels, lambda p: _key(p, spec.label_token), "label maps")
+    img_index = index_by_key(all_images, lambda p: case_key(p, spec.image_token), "images")
+    lab_index = index_by_key(labels, lambda p: case_key(p, spec.label_token), "label maps")
     for k, lab in lab_index.items():
         if k not in img_index:
             raise InputError(lab, f"label map has no image (case key {k!r}; image_token "
@@ -137,10 +148,10 @@ def _discover_seed(spec: DatasetSpec, folder: Path) -> list[Case]:
         for img in images[split]:
             label = None
             if split != "unlabeled":
-                label = lab_index.get(_key(img, spec.image_token))
+                label = lab_index.get(case_key(img, spec.image_token))
                 if label is None:
                     raise InputError(img, f"{split} image has no label map in {folder / 'label'} "
-                                     f"(case key {_key(img, spec.image_token)!r})")
+                                     f"(case key {case_key(img, spec.image_token)!r})")
             cases.append(Case(spec.name, _stem(img), img, label, split))
     return cases
 
@@ -162,9 +173,9 @@ def _discover_msd(spec: DatasetSpec, folder: Path) -> list[Case]:
     labels = _volumes_in(folder / "labelsTr")
     if not train and not test:
         raise InputError(folder, "no images found in imagesTr/ or imagesTs/")
-    tr_index = _index_by_key(train, _msd_case_id, "images")
-    ts_index = _index_by_key(test, _msd_case_id, "images")
-    lab_index = _index_by_key(labels, _stem, "label maps")
+    tr_index = index_by_key(train, _msd_case_id, "images")
+    ts_index = index_by_key(test, _msd_case_id, "images")
+    lab_index = index_by_key(labels, _stem, "label maps")
     for k, lab in lab_index.items():
         if k not in tr_index:
             raise InputError(lab, f"label map has no image in {folder / 'imagesTr'} (case {k!r})")

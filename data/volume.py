@@ -167,18 +167,12 @@ def slice_axis_index(geometry: Geometry) -> int:
     return orientation_of(geometry.direction).perm[2]
 
 
-def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
-    """Reorient a volume to canonical LPS (see module docstring) without interpolation.
-
-    Returns:
-        The canonical volume (contiguous array, geometry describing the same physical voxels) and
-        the :class:`Orientation` whose ``invert`` maps canonical arrays back to the input's order.
-    """
-    geo = volume.geometry
-    ori = orientation_of(geo.direction)
-    d = geo.direction_matrix
-    size = geo.size
-    spacing = tuple(float(geo.spacing[ori.perm[c]]) for c in range(3))
+def canonical_geometry(geometry: Geometry) -> tuple[Geometry, Orientation]:
+    """The geometry :func:`to_canonical` gives a volume of this geometry (no array needed)."""
+    ori = orientation_of(geometry.direction)
+    d = geometry.direction_matrix
+    size = geometry.size
+    spacing = tuple(float(geometry.spacing[ori.perm[c]]) for c in range(3))
     new_d = np.zeros((3, 3))
     start = np.zeros(3)
     for c in range(3):
@@ -186,15 +180,48 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
         new_d[:, c] = -d[:, a] if ori.flip[c] else d[:, a]
         if ori.flip[c]:
             start[a] = size[a] - 1
-    origin = geo.index_to_world(start)
-    array = np.ascontiguousarray(ori.apply(volume.array))
-    new_geo = Geometry(
-        shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+    origin = geometry.index_to_world(start)
+    csize = [size[ori.perm[c]] for c in range(3)]
+    return Geometry(
+        shape=(int(csize[2]), int(csize[1]), int(csize[0])),
         spacing=spacing,  # type: ignore[arg-type]
         origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in new_d.ravel()),
-    )
-    return Volume(array, new_geo), ori
+    ), ori
+
+
+def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
+    """Reorient a volume to canonical LPS (see module docstring) without interpolation.
+
+    Returns:
+        The canonical volume (contiguous array, geometry describing the same physical voxels) and
+        the :class:`Orientation` whose ``invert`` maps canonical arrays back to the input's order.
+    """
+    geo, ori = canonical_geometry(volume.geometry)
+    array = np.ascontiguousarray(ori.apply(volume.array))
+    if tuple(array.shape) != geo.shape:
+        raise AssertionError(f"canonical shape {array.shape} != {geo.shape}")  # a bug, not bad input
+    return Volume(array, geo), ori
+
+
+def match_grid(volume: Volume, target: Geometry, tol: float = 1e-4) -> Volume | None:
+    """``volume`` on ``target``'s grid when both are the same physical voxels in another index order
+    (axis permutation / flips, e.g. a dcm2niix-style label of a DICOM series), else None.
+
+    Exact: the array is only transposed and flipped, never interpolated.
+    """
+    if volume.geometry.same_grid(target, tol):
+        return volume
+    canon, _ = to_canonical(volume)
+    target_canon, target_ori = canonical_geometry(target)
+    if not canon.geometry.same_grid(target_canon, tol):
+        return None
+    return Volume(np.ascontiguousarray(target_ori.invert(canon.array)), target)
+
+
+def same_physical_grid(a: Geometry, b: Geometry, tol: float = 1e-4) -> bool:
+    """True when two geometries hold the same voxels, possibly in another index order."""
+    return canonical_geometry(a)[0].same_grid(canonical_geometry(b)[0], tol)
 
 
 def to_storage(volume: Volume, target: Orientation | Sequence[float]) -> Volume:
@@ -288,8 +315,47 @@ def _sitk():
     return sitk
 
 
+def _load_nifti2(path: Path):
+    """The nibabel image of a NIfTI-2 file (header only, data lazy), or None for anything else."""
+    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return None
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:
+        return None  # SimpleITK's reader reports the problem
+    return img if isinstance(img, nib.Nifti2Image) else None
+
+
+def _nifti2_image(path: Path):
+    """A NIfTI-2 file as a SimpleITK image (SimpleITK 2.5's reader does not know NIfTI-2), or None
+    for anything else. nibabel's affine (sform when set, else qform; RAS) is converted to LPS."""
+    img = _load_nifti2(path)
+    if img is None:
+        return None
+    data = np.asanyarray(img.dataobj)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"is a {data.ndim}D NIfTI-2 volume (shape {data.shape}); expected 3D")
+    affine = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(img.affine, dtype=np.float64)[:3]  # RAS -> LPS
+    spacing = np.linalg.norm(affine[:, :3], axis=0)
+    if not np.all(spacing > 0):
+        raise InputError(path, f"has a singular affine (voxel sizes {spacing.tolist()})")
+    sitk = _sitk()
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    out.SetSpacing([float(v) for v in spacing])
+    out.SetOrigin([float(v) for v in affine[:, 3]])
+    out.SetDirection([float(v) for v in (affine[:, :3] / spacing).ravel()])
+    return out
+
+
 def _read_image(path: Path):
     sitk = _sitk()
+    nifti2 = _nifti2_image(path)
+    if nifti2 is not None:
+        return nifti2
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         ids = reader.GetGDCMSeriesIDs(str(path))
@@ -441,7 +507,7 @@ def read_geometry(path: str | Path) -> Geometry:
     """Read only the header geometry of a volume file (cheap for NIfTI)."""
     sitk = _sitk()
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or _load_nifti2(path) is not None:  # DICOM series, NIfTI-2: read it all
         return _geometry_of(read_image_sitk(path))
     if not path.exists():
         raise InputError(path, "file does not exist")

@@ -40,8 +40,10 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_parse_labels_and_keys():
-    assert parse_labels("liver:1, kidney:2") == {"liver": 1, "kidney": 2}
-    for bad in ("liver", "liver:0", "liver:1,kidney:1", "liver:x"):
+    assert parse_labels("liver:1, kidney:2") == {"liver": (1,), "kidney": (2,)}
+    assert parse_labels("kidney:2,3,liver:5") == {"kidney": (2, 3), "liver": (5,)}
+    for bad in ("liver", "liver:0", "liver:1,kidney:1", "liver:x", "2,liver:1", "liver:1,2,2",
+                "liver:1,liver:2", "liver:1,x"):
         with pytest.raises(InputError):
             parse_labels(bad)
     assert case_key(Path("volume-7.nii"), "volume") == "-7"
@@ -52,9 +54,10 @@ def test_parse_labels_and_keys():
 def test_class_spec_dataset_limits_organs():
     cfg = load_config()
     spec = class_spec(cfg, gt_dataset="LiTS")
-    assert spec.organs == ("liver",) and spec.gt_values == (1,)
+    assert spec.organs == ("liver",) and spec.gt_values == ((1,),)
     spec = class_spec(cfg, parse_labels("spleen:1,liver:6"), gt_dataset="BTCV")
-    assert spec.organs == ("spleen", "liver") and spec.pred_values == (1, 6) and spec.gt_values == (3, 1)
+    assert spec.organs == ("spleen", "liver") and spec.pred_values == ((1,), (6,))
+    assert spec.gt_values == ((3,), (1,))
     with pytest.raises(InputError, match="NoSuch"):
         class_spec(cfg, gt_dataset="NoSuch")
 
