@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         per_case.append(metrics)
         rows.append(case_row(pair.name, pair.pred, pair.gt, metrics, spec.organs))
         if args.png:
-            from utils.overlay import save_overlay
+            from inference.overlay import save_overlay
 
             gt = match_grid(gt, pred.geometry)  # checked above: same voxels
             gt_arr = config.map_labels(ds, gt.array, pair.gt) if ds else gt.array

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             gt_classes = (eval_config.map_labels(spec.gt_dataset, gt_vol.array, gts[src])
                           if spec.gt_dataset else gt_vol.array)
         if args.png:
-            from utils.overlay import save_overlay
+            from inference.overlay import save_overlay
 
             save_overlay(Path(args.png) / f"{case_key(dst)}.png", volume, seg.array, gt_classes, organs,
                          models[0].config.hu_window, title=src.name)

@@ -32,6 +32,10 @@ from data.inplane import InplanePlan, apply_plan, plan_inplane
 from data.resample import resample_axis
 from data.volume import VIEWS, Orientation, Volume, to_canonical
 
+# What padding adds to a windowed image (training crops, inference tiles): air, the lower end of the
+# window ([-1, 1]); data.inplane.AIR_HU is the same air before windowing.
+PAD_WINDOWED = -1.0
+
 
 def window_hu(array: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
     """Clip intensities to ``hu_window`` and scale linearly to ``[-1, 1]``.
@@ -206,5 +210,5 @@ def view_to_canonical(stack, canonical_shape: Sequence[int], view: str):
     return out.contiguous()
 
 
-__all__ = ["preprocess_image", "prepare_canonical", "prepare_with_plan", "restore_inplane", "si_length",
-           "view_stack", "view_to_canonical", "window_hu"]
+__all__ = ["PAD_WINDOWED", "preprocess_image", "prepare_canonical", "prepare_with_plan", "restore_inplane",
+           "si_length", "view_stack", "view_to_canonical", "window_hu"]

@@ -45,8 +45,20 @@ def source_positions(n_old: int, n_new: int) -> np.ndarray:
     return (np.arange(n_new, dtype=np.float64) + 0.5) * (n_old / n_new) - 0.5
 
 
+def _take(array, axis: int, idx: np.ndarray):
+    """``array`` gathered at ``idx`` along ``axis``: numpy or torch (on the tensor's device)."""
+    if isinstance(array, np.ndarray):
+        return np.take(array, idx, axis=axis)
+    import torch
+
+    return torch.index_select(array, axis, torch.from_numpy(idx).to(array.device))
+
+
 def resample_axis(array, axis: int, n_new: int, is_label: bool):
     """Resample one axis of a numpy array or torch tensor to ``n_new`` voxels, field of view kept.
+
+    The one linear (and nearest-neighbour) resampler of UniMOS: preprocessing, the way back to the
+    input grid, and the phantoms' integer upsampling all use it.
 
     Args:
         array: numpy array or torch tensor of any dimensionality.
@@ -65,33 +77,24 @@ def resample_axis(array, axis: int, n_new: int, is_label: bool):
     if n_old == n_new:
         return array
     pos = source_positions(n_old, n_new)
-    is_torch = not isinstance(array, np.ndarray)
     if is_label:
-        idx = np.clip(np.floor(pos + 0.5), 0, n_old - 1).astype(np.int64)
-        if is_torch:
-            import torch
-
-            return torch.index_select(array, axis, torch.from_numpy(idx).to(array.device))
-        return np.take(array, idx, axis=axis)
+        return _take(array, axis, np.clip(np.floor(pos + 0.5), 0, n_old - 1).astype(np.int64))
     pos = np.clip(pos, 0.0, n_old - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, n_old - 1)
-    w = (pos - lo).astype(np.float32)
     shape = [1] * array.ndim
     shape[axis] = n_new
-    if is_torch:
+    w = (pos - lo).astype(np.float32).reshape(shape)
+    if isinstance(array, np.ndarray):
+        x = array if array.dtype.kind == "f" else array.astype(np.float32)
+        w = w.astype(x.dtype)
+    else:
         import torch
 
         x = array if array.is_floating_point() else array.float()
-        dev = x.device
-        a = torch.index_select(x, axis, torch.from_numpy(lo).to(dev))
-        b = torch.index_select(x, axis, torch.from_numpy(hi).to(dev))
-        wt = torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
-        return a + (b - a) * wt
-    x = array if array.dtype.kind == "f" else array.astype(np.float32)
-    a = np.take(x, lo, axis=axis)
-    b = np.take(x, hi, axis=axis)
-    return a + (b - a) * w.reshape(shape).astype(x.dtype)
+        w = torch.from_numpy(w).to(x.device, x.dtype)
+    a = _take(x, axis, lo)
+    return a + (_take(x, axis, hi) - a) * w
 
 
 def inplane_axes(slice_axis: int) -> tuple[int, int]:

@@ -28,10 +28,12 @@ from torch import Tensor
 
 from data.cache import CachedVolume
 from data.config import Config
+from data.preprocess import PAD_WINDOWED
+from data.slab import slab_indices
 from data.volume import VIEWS
 
 IGNORE_INDEX = 255
-PAD_IMAGE = -1.0
+PAD_IMAGE = PAD_WINDOWED  # crops beyond a slice: air after windowing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,19 +120,6 @@ def collate_unlabeled(samples: Sequence[dict[str, Any]]) -> UnlabeledBatch:
 
 # ----------------------------------------------------------------------------------------------
 # Dataset
-
-
-def slab_indices(centres: np.ndarray, n: int, slices: int) -> np.ndarray:
-    """Slice indices of the 2.5D inputs centred on ``centres`` in a stack of ``n`` slices.
-
-    The one definition shared by training, validation and inference: ``slices`` adjacent slices with
-    the centre slice in the middle (channel ``slices // 2``), indices clamped to the stack's ends.
-
-    Returns:
-        ``(len(centres), slices)`` int64 array.
-    """
-    offsets = np.arange(slices) - slices // 2
-    return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets[None, :], 0, n - 1)
 
 
 def _owned(array: np.ndarray) -> np.ndarray:

@@ -176,7 +176,7 @@ def test_cli_bad_input(tmp_path, capsys, problem):
 
 
 def test_overlay_physical_aspect_and_contours():
-    from utils.overlay import render_overlay
+    from inference.overlay import render_overlay
 
     shape = (10, 40, 60)  # 10 slices of 5 mm: 50 mm tall, 60 mm wide (1 mm pixels)
     image = Volume(np.full(shape, 100, np.int16), Geometry(shape, (1.0, 1.0, 5.0), (0.0, 0.0, 0.0)))

@@ -12,7 +12,15 @@ from scipy import ndimage
 import data.phantom as P
 import synth
 from data.config import load_config
-from data.volume import Geometry, Volume, read_geometry, read_volume, slice_axis_index, to_canonical
+from data.volume import (
+    Geometry,
+    Volume,
+    read_geometry,
+    read_volume,
+    slice_axis_index,
+    to_canonical,
+    to_storage,
+)
 from utils.errors import InputError
 
 SCALE = 0.125  # LiTS/KiTS/BTCV 64x64, MSDSpleen 32x32 in-plane
@@ -108,11 +116,15 @@ def test_anatomy_is_where_it_belongs():
 
 
 def test_upsample_linear_hand_values():
+    # the phantoms' integer upsampling is data.resample.resample_axis (cell-centred, edges replicated)
+    from data.resample import resample_axis
+
     a = np.array([[0.0, 4.0]], dtype=np.float32)
-    np.testing.assert_allclose(P._upsample_linear(a, 2, axis=1), [[0, 1, 3, 4]])
-    np.testing.assert_allclose(P._upsample_linear(a, 1, axis=1), a)
+    np.testing.assert_allclose(resample_axis(a, 1, 4, is_label=False), [[0, 1, 3, 4]])
+    np.testing.assert_allclose(resample_axis(a, 1, 2, is_label=False), a)
     # factor 3: samples at -1/3, 0, +1/3 of a cell (edges replicated)
-    np.testing.assert_allclose(P._upsample_linear(a, 3, axis=1), [[0, 0, 4 / 3, 8 / 3, 4, 4]], atol=1e-6)
+    np.testing.assert_allclose(resample_axis(a, 1, 6, is_label=False), [[0, 0, 4 / 3, 8 / 3, 4, 4]],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(P.DATASET_STYLES))
@@ -120,7 +132,7 @@ def test_to_storage_round_trip_is_exact(name):
     rng = np.random.default_rng(5)
     arr = rng.integers(-1000, 1000, size=(4, 5, 6)).astype(np.int16)
     canon = Volume(arr, Geometry((4, 5, 6), (0.7, 0.8, 3.0), (-100.0, -50.0, -300.0)))
-    stored = P.to_storage(canon, P.DATASET_STYLES[name].direction)
+    stored = to_storage(canon, P.DATASET_STYLES[name].direction)
     back, _ = to_canonical(stored)
     assert np.array_equal(back.array, arr)
     assert back.geometry.same_grid(canon.geometry, tol=1e-9)
@@ -135,7 +147,7 @@ def test_to_storage_round_trip_is_exact(name):
 def test_to_storage_rejects_non_permutations():
     canon = Volume(np.zeros((2, 2, 2), np.int16), Geometry((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     with pytest.raises(ValueError):
-        P.to_storage(canon, (0.8, 0.6, 0, -0.6, 0.8, 0, 0, 0, 1))
+        to_storage(canon, (0.8, 0.6, 0, -0.6, 0.8, 0, 0, 0, 1))
 
 
 # ----------------------------------------------------------------------------------------------
