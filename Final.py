@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", default=None, help="slice cache folder (default DATA/.unimos_cache)")
     g.add_argument("--inplane", type=int, nargs=2, default=None, metavar=("S1", "S2"),
                    help="in-plane grid of the cache (default: the config's inplane_size)")
+    g.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help="resample slices to this in-plane spacing, then pad/crop to the grid (default: "
+                        "the config's inplane_spacing; none = pad each slice with air to a square)")
     g.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="CT window in HU, LOW < HIGH (default: the config's hu_window)")
     g.add_argument("--view", default="axial", choices=("axial", "coronal", "sagittal"),

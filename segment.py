@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from data.config import load_config
-    from data.volume import read_geometry, read_volume, write_volume
+    from data.volume import match_grid, read_geometry, read_volume, same_physical_grid, write_volume
     from inference.evaluation import (
         case_key,
         class_spec,
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in by_key:
                     raise InputError(src, f"no ground truth for case '{key}' in {gt_root}")
                 gts[src] = by_key[key]
-        for src, gt in gts.items():
-            if not read_geometry(gt).same_grid(geometries[src]):
+        for src, gt in gts.items():  # the same voxels, possibly in another index order
+            if not same_physical_grid(read_geometry(gt), geometries[src]):
                 raise InputError(gt, f"ground truth grid differs from the input {src}")
 
     results = []
@@ -162,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{src} -> {dst} ({time.perf_counter() - t0:.1f} s)", flush=True)
         gt_classes = None
         if spec is not None:
-            gt_vol = read_label_volume(gts[src])
+            gt_vol = match_grid(read_label_volume(gts[src]), seg.geometry)  # reoriented exactly
             metrics = score_volumes(seg, gt_vol, spec, dst, gts[src])
             results.append(metrics)
             print(format_case(case_key(dst), metrics), flush=True)
             gt_classes = (eval_config.map_labels(spec.gt_dataset, gt_vol.array, gts[src])
                           if spec.gt_dataset else gt_vol.array)
         if args.png:
-            from utils.overlay import save_overlay
+            from inference.overlay import save_overlay
 
             save_overlay(Path(args.png) / f"{case_key(dst)}.png", volume, seg.array, gt_classes, organs,
                          models[0].config.hu_window, title=src.name)

@@ -11,7 +11,7 @@ What it does (everything under ``DIR``):
    LiTS (liver), KiTS (kidney), MSDSpleen (spleen) with ``max(--labeled)`` labeled, ``--val``
    validation and ``--unlabeled`` unlabeled cases each, and ``--held-out`` BTCV validation cases, which
    label all three organs. A rerun with the same settings reuses them.
-2. Resamples the partial datasets in-plane once (``data.resample.resample_tree``) to ``DIR/resampled``.
+2. Resamples the partial datasets in-plane once (``data.resample_tree.resample_tree``) to ``DIR/resampled``.
 3. Makes one training root per labeled count ``n`` under ``DIR/train_data`` of symlinks into
    ``DIR/resampled``, keeping the first ``n`` labeled volumes of each dataset and every validation and
    unlabeled volume. No fully labeled data is trained on. One slice cache serves every run.
@@ -238,7 +238,7 @@ def resample_partial(o: Options, raw: Path, log=print) -> Path:
     Raises:
         InputError: ``out/resampled`` exists, is not empty and was not written by this script.
     """
-    from data.resample import resample_tree
+    from data.resample_tree import resample_tree
     from utils.fileio import write_json_atomic
 
     res = Path(o.out) / "resampled"

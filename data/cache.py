@@ -8,10 +8,11 @@ Layout of one entry ``<cache_dir>/<dataset>/<case_id>-<key>/``::
     image_coronal.npy    ... other views, derived from the axial arrays with data.preprocess.view_stack
 
 The key hashes the image and label files (resolved path, size, mtime), the preprocessing settings
-(HU window, in-plane size, the dataset's file value -> class map) and :data:`CACHE_VERSION`. Views are
-*not* part of the key: every view derives from the axial arrays, so a missing view is added to an
-existing entry on demand instead of duplicating the entry. A new entry is built in a temporary
-folder and renamed into place (atomic); views added later are written atomically under a file lock.
+(HU window, in-plane size and spacing mode, the dataset's file value -> class map) and
+:data:`CACHE_VERSION`. Views are *not* part of the key: every view derives from the axial arrays,
+so a missing view is added to an existing entry on demand instead of duplicating the entry. A new
+entry is built in a temporary folder and renamed into place (atomic); views added later are written
+atomically under a file lock.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from data.volume import VIEWS, Geometry, Volume, read_volume
 from utils.errors import InputError
 from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
 # A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
 # voxels at an organ's tip make poor training centres.
 FG_MIN_VOXELS = 16
@@ -71,7 +72,9 @@ def cache_key_inputs(case: Case, config: Config) -> dict[str, Any]:
         "label": _file_stamp(case.label) if case.label is not None else None,
         "hu_window": [float(v) for v in config.hu_window],
         "inplane_size": [int(v) for v in config.inplane_size],
+        "inplane_spacing": config.inplane_spacing,
         "label_map": {str(v): int(lut[v]) for v in sorted(spec.labels)},
+        "other_background": spec.other_background,
     }
 
 
@@ -217,7 +220,8 @@ def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target:
         if not image_vol.geometry.same_grid(label_vol.geometry):
             raise InputError(case.label, f"label grid ({label_vol.geometry.describe()}) does not match "
                              f"image {case.image} ({image_vol.geometry.describe()})")
-    canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False)
+    canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False,
+                                           spacing_mm=config.inplane_spacing)
     image = window_hu(canon.array, config.hu_window)
     meta: dict[str, Any] = {
         "format": "unimos-cache",
@@ -254,7 +258,7 @@ def _write_entry_files(tmp: Path, target: Path, image: np.ndarray, label_vol: Vo
             classes = config.map_labels(spec, label_vol.array, case.label)
             # Map on the source grid (nearest neighbour commutes with the value map).
             label_canon, _ = prepare_canonical(label_vol.with_array(classes), config.inplane_size,
-                                               is_label=True)
+                                               is_label=True, spacing_mm=config.inplane_spacing)
             np.save(tmp / "label_axial.npy", label_canon.array)
             meta["views"]["axial"]["foreground"] = foreground_slices(label_canon.array).tolist()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

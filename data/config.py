@@ -25,6 +25,8 @@ IGNORE_INDEX = 255
 # Cross-entropy weights of background and organs (the original's); Config.class_weights' default.
 DEFAULT_CLASS_WEIGHTS = (0.2, 1.2)
 _UniqueKeyLoader = None  # built on first load_config (yaml is imported lazily)
+# `other: background` in a dataset's labels: every value not listed is background (explicit, never implied).
+OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class DatasetSpec:
         val_fraction: for layouts without a validation folder, the share of labeled cases
             (the last ones in sorted order) held out for validation.
         optional: a missing folder is skipped instead of being an error.
+        other_background: ``other: background`` in ``labels``: values not listed are background
+            instead of an error (label maps of other tools with many structures, e.g. TotalSegmentator).
     """
 
     name: str
@@ -54,6 +58,7 @@ class DatasetSpec:
     label_token: str | None = None
     val_fraction: float = 0.2
     optional: bool = False
+    other_background: bool = False
 
     def folder(self, data_root: str | Path) -> Path:
         p = Path(self.path) if self.path else Path(self.name)
@@ -76,6 +81,8 @@ class Config:
         datasets: the datasets, in the order training cycles through them.
         hu_window: CT intensities clipped to this window and scaled to [-1, 1].
         inplane_size: ``resample.py``'s in-plane grid (s1, s2).
+        inplane_spacing: None = pad each slice with air to the grid's aspect, then resize (default);
+            a spacing in mm = resample to it, then pad or crop to the grid (see data/inplane.py).
         components: organs kept as more than one connected component in post-processing.
         class_weights: cross-entropy weight of background and of organs (the original's 0.2/1.2).
         source: the YAML file this came from (for messages).
@@ -85,6 +92,7 @@ class Config:
     datasets: tuple[DatasetSpec, ...]
     hu_window: tuple[float, float] = (-200.0, 200.0)
     inplane_size: tuple[int, int] = (256, 256)
+    inplane_spacing: float | None = None
     components: dict[str, int] = field(default_factory=lambda: {"kidney": 2})
     class_weights: tuple[float, float] = DEFAULT_CLASS_WEIGHTS
     source: str = "<memory>"
@@ -120,9 +128,10 @@ class Config:
         return set(dataset.organ_names()) == set(self.organs)
 
     def label_lut(self, dataset: DatasetSpec) -> np.ndarray:
-        """Lookup table file value -> class index; undeclared values map to IGNORE_INDEX."""
+        """Lookup table file value -> class index; undeclared values map to IGNORE_INDEX (0 with
+        ``other: background``)."""
         top = max([0, *dataset.labels.keys()])
-        lut = np.full(max(256, top + 1), IGNORE_INDEX, dtype=np.uint8)
+        lut = np.full(max(256, top + 1), 0 if dataset.other_background else IGNORE_INDEX, dtype=np.uint8)
         lut[0] = 0
         for value, organ in dataset.labels.items():
             lut[value] = 0 if organ == BACKGROUND else self.organ_index(organ)
@@ -143,6 +152,9 @@ class Config:
         if values.size and values.min() < 0:
             raise InputError(path, f"label map has negative values {values[values < 0][:5].tolist()}")
         lut = self.label_lut(dataset)
+        if dataset.other_background:  # nothing is undeclared; values past the table are background
+            lut = np.append(lut, np.uint8(0))
+            return lut[np.minimum(array.astype(np.int64), lut.size - 1)]
         declared = set(dataset.labels) | {0}
         undeclared = [int(v) for v in values if int(v) not in declared]
         if undeclared:
@@ -196,7 +208,12 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
     if not isinstance(labels_raw, dict) or not labels_raw:
         raise InputError(source, f"dataset '{name}' needs 'labels': a map of file value -> organ")
     labels: dict[int, str] = {}
+    other = labels_raw.get(OTHER)
+    if other is not None and other != BACKGROUND:
+        raise InputError(source, f"dataset '{name}': '{OTHER}' may only be '{BACKGROUND}', got {other!r}")
     for value, organ in labels_raw.items():
+        if value == OTHER:
+            continue
         # int(1.5) would silently declare label 1: reject fractional and boolean keys.
         try:
             v = _number(value, f"datasets.{name}.labels key {value!r}", source, integer=True)
@@ -229,7 +246,8 @@ def _parse_dataset(name: str, raw: Any, organs: tuple[str, ...], source: str) ->
         raise InputError(source, f"dataset '{name}': optional must be true or false, got {optional!r}")
     return DatasetSpec(name=name, labels=labels, path=raw.get("path"), layout=layout,
                        image_token=image_token, label_token=label_token,
-                       val_fraction=float(val_fraction), optional=optional)
+                       val_fraction=float(val_fraction), optional=optional,
+                       other_background=other is not None)
 
 
 def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
@@ -240,7 +258,8 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
     """
     if not isinstance(raw, dict):
         raise InputError(source, "config must be a YAML mapping")
-    allowed = {"organs", "datasets", "hu_window", "inplane_size", "components", "class_weights"}
+    allowed = {"organs", "datasets", "hu_window", "inplane_size", "inplane_spacing", "components",
+               "class_weights"}
     unknown = set(raw) - allowed
     if unknown:
         raise InputError(source, f"unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -266,6 +285,12 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> Config:
     if "inplane_size" in raw:
         kwargs["inplane_size"] = _as_pair(raw["inplane_size"], "inplane_size", source, int, low=1,
                                           high=16384)
+    if raw.get("inplane_spacing") is not None:
+        sp = raw["inplane_spacing"]
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0 < sp < 100:
+            raise InputError(source, f"'inplane_spacing' must be a spacing in mm (0 < s < 100) or null, "
+                             f"got {sp!r}")
+        kwargs["inplane_spacing"] = float(sp)
     if "class_weights" in raw:
         bg, organ = _as_pair(raw["class_weights"], "class_weights", source, low=0.0)
         if organ <= 0:
@@ -346,11 +371,13 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "organs": list(config.organs),
         "hu_window": list(config.hu_window),
         "inplane_size": list(config.inplane_size),
+        "inplane_spacing": config.inplane_spacing,
         "components": dict(config.components),
         "class_weights": list(config.class_weights),
         "datasets": {
             d.name: {
-                "labels": {int(k): v for k, v in d.labels.items()},
+                "labels": {**{int(k): v for k, v in d.labels.items()},
+                           **({OTHER: BACKGROUND} if d.other_background else {})},
                 **({"path": d.path} if d.path else {}),
                 "layout": d.layout,
                 **({"image_token": d.image_token, "label_token": d.label_token}

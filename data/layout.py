@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.config import Config, DatasetSpec
-from data.volume import VOLUME_SUFFIXES, strip_volume_suffix
+from data.volume import VOLUME_SUFFIXES, is_dicom_dir, strip_volume_suffix
 from utils.errors import InputError
 
 SPLITS = ("labeled", "validation", "unlabeled")
@@ -60,12 +60,6 @@ def _case_sort_key(case: Case) -> tuple:
     return (SPLITS.index(case.split), _natural_key(case.case_id))
 
 
-def _looks_like_dicom_dir(path: Path) -> bool:
-    # Cheap test (no header parsing): files without suffix or with .dcm/.ima, and nothing else volume-like.
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() in ("", ".dcm", ".ima") for p in files)
-
-
 def _volumes_in(folder: Path) -> list[Path]:
     """Volume files and DICOM series folders directly inside ``folder`` (hidden files skipped)."""
     if not folder.is_dir():
@@ -80,7 +74,7 @@ def _volumes_in(folder: Path) -> list[Path]:
         is_file_volume = p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
         if p.is_dir() and p.name.lower().endswith(VOLUME_SUFFIXES):
             raise InputError(p, "is a folder, expected a volume file")
-        if is_file_volume or (p.is_dir() and _looks_like_dicom_dir(p)):
+        if is_file_volume or (p.is_dir() and is_dicom_dir(p)):
             out.append(p)
     return out
 
@@ -89,12 +83,23 @@ def _stem(path: Path) -> str:
     return strip_volume_suffix(path.name)
 
 
-def _key(path: Path, token: str | None) -> str:
+def case_key(path: Path, token: str | None = None) -> str:
+    """The name that pairs an image with its label (training) and a prediction with its ground truth
+    (scoring): the file name without its volume suffix, minus the first ``token``.
+
+    ``volume-7.nii`` with token ``volume`` -> ``-7``, which pairs with ``segmentation-7.nii`` (token
+    ``segmentation``).
+    """
     stem = _stem(path)
     return stem.replace(token, "", 1) if token else stem
 
 
-def _index_by_key(paths: list[Path], key_of, what: str) -> dict[str, Path]:
+def index_by_key(paths: list[Path], key_of, what: str) -> dict[str, Path]:
+    """``{case key: path}``; two paths with one key are an error.
+
+    Raises:
+        InputError: naming the second path of a duplicate key.
+    """
     index: dict[str, Path] = {}
     for p in paths:
         k = key_of(p)
@@ -137,8 +142,8 @@ def _discover_seed(spec: DatasetSpec, folder: Path) -> list[Case]:
     all_images = [p for split in SPLITS for p in images[split]]
     if not all_images:
         raise InputError(folder, "no images found in labeled/, validation/ or unlabeled/")
-    img_index = _index_by_key(all_images, lambda p: _key(p, spec.image_token), "images")
-    lab_index = _index_by_key(labels, lambda p: _key(p, spec.label_token), "label maps")
+    img_index = index_by_key(all_images, lambda p: case_key(p, spec.image_token), "images")
+    lab_index = index_by_key(labels, lambda p: case_key(p, spec.label_token), "label maps")
     for k, lab in lab_index.items():
         if k not in img_index:
             raise InputError(lab, f"label map has no image (case key {k!r}; image_token "
@@ -148,10 +153,10 @@ def _discover_seed(spec: DatasetSpec, folder: Path) -> list[Case]:
         for img in images[split]:
             label = None
             if split != "unlabeled":
-                label = lab_index.get(_key(img, spec.image_token))
+                label = lab_index.get(case_key(img, spec.image_token))
                 if label is None:
                     raise InputError(img, f"{split} image has no label map in {folder / 'label'} "
-                                     f"(case key {_key(img, spec.image_token)!r})")
+                                     f"(case key {case_key(img, spec.image_token)!r})")
             cases.append(Case(spec.name, _stem(img), img, label, split))
     return cases
 
@@ -173,9 +178,9 @@ def _discover_msd(spec: DatasetSpec, folder: Path) -> list[Case]:
     labels = _volumes_in(folder / "labelsTr")
     if not train and not test:
         raise InputError(folder, "no images found in imagesTr/ or imagesTs/")
-    tr_index = _index_by_key(train, _msd_case_id, "images")
-    ts_index = _index_by_key(test, _msd_case_id, "images")
-    lab_index = _index_by_key(labels, _stem, "label maps")
+    tr_index = index_by_key(train, _msd_case_id, "images")
+    ts_index = index_by_key(test, _msd_case_id, "images")
+    lab_index = index_by_key(labels, _stem, "label maps")
     for k, lab in lab_index.items():
         if k not in tr_index:
             raise InputError(lab, f"label map has no image in {folder / 'imagesTr'} (case {k!r})")

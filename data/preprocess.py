@@ -2,7 +2,8 @@
 
 Image pipeline (labels: same steps without windowing, nearest neighbour)::
 
-    canon, orientation = prepare_canonical(volume, config.inplane_size, is_label=False)
+    canon, orientation = prepare_canonical(volume, config.inplane_size, is_label=False,
+                                           spacing_mm=config.inplane_spacing)  # pad / spacing mode
     windowed = window_hu(canon.array, config.hu_window)            # [S, P, L] float32 in [-1, 1]
     stack = view_stack(windowed, canon.geometry.spacing, view, is_label=False)   # (n, H, W)
 
@@ -27,8 +28,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.resample import resample_axis, resample_inplane
+from data.inplane import InplanePlan, apply_plan, plan_inplane
+from data.resample import resample_axis
 from data.volume import VIEWS, Orientation, Volume, to_canonical
+
+# What padding adds to a windowed image (training crops, inference tiles): air, the lower end of the
+# window ([-1, 1]); data.inplane.AIR_HU is the same air before windowing.
+PAD_WINDOWED = -1.0
 
 
 def window_hu(array: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
@@ -52,50 +58,64 @@ def window_hu(array: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
     return out
 
 
-def prepare_canonical(volume: Volume, inplane_size: Sequence[int],
-                      is_label: bool) -> tuple[Volume, Orientation]:
-    """Reorient to canonical LPS, then resample the two in-plane axes to ``inplane_size``.
+def prepare_with_plan(volume: Volume, inplane_size: Sequence[int], is_label: bool,
+                      spacing_mm: float | None = None,
+                      allow_crop: bool = True) -> tuple[Volume, Orientation, InplanePlan]:
+    """Reorient to canonical LPS, then bring the slice plane to the grid without stretching it.
 
     Args:
         volume: a volume as read by :func:`data.volume.read_volume`.
-        inplane_size: ``(s1, s2)`` = new sizes of canonical index axes ``i`` (L, array columns) and
-            ``j`` (P, array rows); the canonical array becomes ``(nS, s2, s1)``. The physical extent is
-            kept; nothing happens when the size already matches.
-        is_label: nearest neighbour and dtype kept (labels); otherwise linear interpolation and the
-            image is returned as float32 (no rounding before windowing).
+        inplane_size: ``(s1, s2)`` = (columns, rows) of the grid: sizes of canonical index axes ``i``
+            (L, array columns) and ``j`` (P, array rows); the canonical array becomes ``(nS, s2, s1)``
+            (spacing mode without cropping: at least that).
+        is_label: nearest neighbour, dtype kept, background padding (labels); otherwise linear
+            interpolation, air padding and float32 (no rounding before windowing).
+        spacing_mm: None = pad mode, else spacing mode (see :mod:`data.inplane`).
+        allow_crop: spacing mode: crop slices larger than the grid (training) or not (inference).
 
     Returns:
-        The canonical volume and the :class:`~data.volume.Orientation` whose ``invert`` maps
-        canonical arrays back to the input's array order. The orientation describes the axis
-        permutation/flips only; undo the in-plane size change first with :func:`restore_inplane`.
+        The canonical volume (exact geometry), the :class:`~data.volume.Orientation` whose
+        ``invert`` maps canonical arrays back to the input's array order, and the
+        :class:`~data.inplane.InplanePlan` of the in-plane steps (undo them first, see
+        :func:`restore_inplane`).
     """
     canon, orientation = to_canonical(volume)
-    out = resample_inplane(canon, inplane_size, is_label=is_label, slice_axis=2,
-                           dtype=None if is_label else np.float32)
+    plan = plan_inplane(canon.array.shape[1:], canon.geometry.spacing, inplane_size, spacing_mm,
+                        allow_crop=allow_crop)
+    return apply_plan(canon, plan, is_label=is_label), orientation, plan
+
+
+def prepare_canonical(volume: Volume, inplane_size: Sequence[int], is_label: bool,
+                      spacing_mm: float | None = None) -> tuple[Volume, Orientation]:
+    """:func:`prepare_with_plan` without the plan (the training cache's form)."""
+    out, orientation, _ = prepare_with_plan(volume, inplane_size, is_label, spacing_mm)
     return out, orientation
 
 
-def preprocess_image(volume: Volume, hu_window: Sequence[float],
-                     inplane_size: Sequence[int]) -> tuple[Volume, Orientation]:
-    """:func:`prepare_canonical` then :func:`window_hu`: the canonical network-input volume.
+def preprocess_image(volume: Volume, hu_window: Sequence[float], inplane_size: Sequence[int],
+                     spacing_mm: float | None = None,
+                     allow_crop: bool = True) -> tuple[Volume, Orientation, InplanePlan]:
+    """:func:`prepare_with_plan` then :func:`window_hu`: the canonical network-input volume.
 
     Returns:
-        Canonical float32 volume in ``[-1, 1]`` (its array is the axial stack) and the orientation.
+        Canonical float32 volume in ``[-1, 1]`` (its array is the axial stack), the orientation and
+        the in-plane plan.
     """
-    canon, orientation = prepare_canonical(volume, inplane_size, is_label=False)
-    return canon.with_array(window_hu(canon.array, hu_window)), orientation
+    canon, orientation, plan = prepare_with_plan(volume, inplane_size, False, spacing_mm, allow_crop)
+    return canon.with_array(window_hu(canon.array, hu_window)), orientation, plan
 
 
 def restore_inplane(array, inplane_shape: Sequence[int], is_label: bool = False):
     """Resample the last two axes of a canonical array back to ``inplane_shape`` ``(nP, nL)``.
 
-    The inverse grid mapping of :func:`prepare_canonical`'s in-plane step (same field of view;
-    separable linear = ITK's linear on this axis-aligned grid), for probability stacks
-    ``(..., nS, H, W)`` before :meth:`Orientation.invert`.
+    The inverse grid mapping of the in-plane resampling step (same field of view; separable linear =
+    ITK's linear on this axis-aligned grid), for probability stacks ``(..., nS, H, W)``: with an
+    :class:`~data.inplane.InplanePlan`, ``plan.crop_pre(restore_inplane(plan.crop_post(x),
+    plan.padded))`` is the source grid.
 
     Args:
         array: numpy array or torch tensor ``(..., H, W)``.
-        inplane_shape: ``(nP, nL)`` of the canonical volume before resampling.
+        inplane_shape: ``(nP, nL)`` to resample to.
         is_label: nearest neighbour instead of linear.
 
     Returns:
@@ -190,5 +210,5 @@ def view_to_canonical(stack, canonical_shape: Sequence[int], view: str):
     return out.contiguous()
 
 
-__all__ = ["preprocess_image", "prepare_canonical", "restore_inplane", "si_length", "view_stack",
-           "view_to_canonical", "window_hu"]
+__all__ = ["PAD_WINDOWED", "preprocess_image", "prepare_canonical", "prepare_with_plan", "restore_inplane",
+           "si_length", "view_stack", "view_to_canonical", "window_hu"]

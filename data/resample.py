@@ -14,38 +14,16 @@ Images are interpolated linearly (SimpleITK), labels with nearest neighbour (nev
 invents label values and moves borders) in index space, where a tie (an exact 2x downsampling puts
 every new centre half-way between two old ones) always goes to the upper voxel.
 
-This module also holds the folder walk behind ``resample.py`` (:func:`resample_tree`).
+The folder walk behind ``resample.py`` is :mod:`data.resample_tree`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import shutil
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from data.volume import (
-    VOLUME_SUFFIXES,
-    Geometry,
-    Volume,
-    read_geometry,
-    read_volume,
-    slice_axis_index,
-    strip_volume_suffix,
-    to_sitk,
-    write_volume,
-)
-from utils.errors import InputError
-
-DEFAULT_LABEL_DIRS = ("label", "labels", "labelsTr")
-# KiTS19 keeps segmentation.nii.gz next to imaging.nii.gz, so folder names alone miss it.
-DEFAULT_LABEL_PATTERNS = ("segmentation.nii.gz", "segmentation.nii")
-
+from data.volume import Geometry, Volume, slice_axis_index, to_sitk
 
 # ----------------------------------------------------------------------------------------------
 # Array / volume resampling
@@ -67,8 +45,20 @@ def source_positions(n_old: int, n_new: int) -> np.ndarray:
     return (np.arange(n_new, dtype=np.float64) + 0.5) * (n_old / n_new) - 0.5
 
 
+def _take(array, axis: int, idx: np.ndarray):
+    """``array`` gathered at ``idx`` along ``axis``: numpy or torch (on the tensor's device)."""
+    if isinstance(array, np.ndarray):
+        return np.take(array, idx, axis=axis)
+    import torch
+
+    return torch.index_select(array, axis, torch.from_numpy(idx).to(array.device))
+
+
 def resample_axis(array, axis: int, n_new: int, is_label: bool):
     """Resample one axis of a numpy array or torch tensor to ``n_new`` voxels, field of view kept.
+
+    The one linear (and nearest-neighbour) resampler of UniMOS: preprocessing, the way back to the
+    input grid, and the phantoms' integer upsampling all use it.
 
     Args:
         array: numpy array or torch tensor of any dimensionality.
@@ -87,33 +77,24 @@ def resample_axis(array, axis: int, n_new: int, is_label: bool):
     if n_old == n_new:
         return array
     pos = source_positions(n_old, n_new)
-    is_torch = not isinstance(array, np.ndarray)
     if is_label:
-        idx = np.clip(np.floor(pos + 0.5), 0, n_old - 1).astype(np.int64)
-        if is_torch:
-            import torch
-
-            return torch.index_select(array, axis, torch.from_numpy(idx).to(array.device))
-        return np.take(array, idx, axis=axis)
+        return _take(array, axis, np.clip(np.floor(pos + 0.5), 0, n_old - 1).astype(np.int64))
     pos = np.clip(pos, 0.0, n_old - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, n_old - 1)
-    w = (pos - lo).astype(np.float32)
     shape = [1] * array.ndim
     shape[axis] = n_new
-    if is_torch:
+    w = (pos - lo).astype(np.float32).reshape(shape)
+    if isinstance(array, np.ndarray):
+        x = array if array.dtype.kind == "f" else array.astype(np.float32)
+        w = w.astype(x.dtype)
+    else:
         import torch
 
         x = array if array.is_floating_point() else array.float()
-        dev = x.device
-        a = torch.index_select(x, axis, torch.from_numpy(lo).to(dev))
-        b = torch.index_select(x, axis, torch.from_numpy(hi).to(dev))
-        wt = torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
-        return a + (b - a) * wt
-    x = array if array.dtype.kind == "f" else array.astype(np.float32)
-    a = np.take(x, lo, axis=axis)
-    b = np.take(x, hi, axis=axis)
-    return a + (b - a) * w.reshape(shape).astype(x.dtype)
+        w = torch.from_numpy(w).to(x.device, x.dtype)
+    a = _take(x, axis, lo)
+    return a + (_take(x, axis, hi) - a) * w
 
 
 def inplane_axes(slice_axis: int) -> tuple[int, int]:
@@ -195,233 +176,4 @@ def resample_inplane(volume: Volume, size: Sequence[int], is_label: bool, slice_
     return Volume(array, new_geo)
 
 
-# ----------------------------------------------------------------------------------------------
-# Folder walk behind resample.py
-
-
-@dataclass(frozen=True)
-class Job:
-    """One input of :func:`resample_tree`: a volume to resample or a file to copy."""
-
-    src: Path
-    dst: Path
-    kind: str  # "image" | "label" | "copy"
-
-
-def _is_dicom_dir(path: Path) -> bool:
-    """True when a folder holds a DICOM series (GDCM finds a series id)."""
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if not any(p.suffix.lower() in ("", ".dcm", ".ima") for p in files):
-        return False
-    import SimpleITK as sitk  # noqa: N813
-
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
-    except RuntimeError:
-        return False
-
-
-def _output_name(name: str) -> str:
-    # A .mhd header points at a separate .raw file that an atomic rename would orphan: write .mha.
-    if name.lower().endswith(".mhd"):
-        return name[:-4] + ".mha"
-    return name
-
-
-def _is_label(rel: Path, label_dirs: Sequence[str], label_patterns: Sequence[str]) -> bool:
-    if any(part in label_dirs for part in rel.parts[:-1]):
-        return True
-    return any(fnmatch.fnmatch(rel.name, pat) for pat in label_patterns)
-
-
-def plan_jobs(raw_dir: Path, out_dir: Path, label_dirs: Sequence[str] = DEFAULT_LABEL_DIRS,
-              label_patterns: Sequence[str] = DEFAULT_LABEL_PATTERNS) -> list[Job]:
-    """List what :func:`resample_tree` will do, mirroring ``raw_dir``'s folders under ``out_dir``.
-
-    DICOM series folders become one NIfTI file ``<folder>.nii.gz``; ``.mhd`` becomes ``.mha``;
-    other files (``dataset.json``, ...) are copied; hidden files are skipped.
-
-    Raises:
-        InputError: ``raw_dir`` missing or not a folder, ``out_dir`` equal to it, or no volume found.
-    """
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    if not raw_dir.exists():
-        raise InputError(raw_dir, "input folder does not exist")
-    if not raw_dir.is_dir():
-        raise InputError(raw_dir, "input is not a folder")
-    raw_res, out_res = raw_dir.resolve(), out_dir.resolve()
-    if raw_res == out_res:
-        raise InputError(out_dir, "output folder must differ from the input folder")
-    jobs: list[Job] = []
-    for root, dirs, files in os.walk(raw_dir):
-        root_p = Path(root)
-        # Never descend into our own output when it sits inside the input.
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_p / d).resolve() != out_res)
-        for d in list(dirs):
-            if _is_dicom_dir(root_p / d):
-                rel = (root_p / d).relative_to(raw_dir)
-                kind = "label" if _is_label(rel / "x", label_dirs, label_patterns) else "image"
-                jobs.append(Job(root_p / d, out_dir / rel.parent / (rel.name + ".nii.gz"), kind))
-                dirs.remove(d)
-        mhd_raw = {f for f in files if f.lower().endswith(".mhd")}
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            if not (root_p / f).exists():
-                raise InputError(root_p / f, "is a dangling symbolic link (its target does not exist)")
-            rel = (root_p / f).relative_to(raw_dir)
-            lower = f.lower()
-            if lower.endswith(VOLUME_SUFFIXES):
-                kind = "label" if _is_label(rel, label_dirs, label_patterns) else "image"
-                jobs.append(Job(root_p / f, out_dir / rel.parent / _output_name(f), kind))
-            elif lower.endswith((".raw", ".zraw")) and any(
-                    strip_volume_suffix(m) == f.rsplit(".", 1)[0] for m in mhd_raw):
-                continue  # data file of an .mhd header: folded into the .mha output
-            elif Path(root_p / f).suffix.lower() in ("", ".dcm", ".ima") and _is_dicom_dir(root_p):
-                continue  # a loose DICOM file beside volumes is not copied as data
-            else:
-                jobs.append(Job(root_p / f, out_dir / rel, "copy"))
-    if not any(j.kind != "copy" for j in jobs):
-        raise InputError(raw_dir, f"no volumes found (looked for {', '.join(VOLUME_SUFFIXES)} files "
-                         "and DICOM series folders)")
-    return jobs
-
-
-def _settings(job: Job, size: tuple[int, int]) -> dict:
-    return {"kind": job.kind, "size": [int(s) for s in size] if job.kind != "copy" else None}
-
-
-def is_up_to_date(job: Job, size: tuple[int, int]) -> bool:
-    """True when the output is exactly what a verified write made from the current input with these
-    settings (content stamp: sizes, hash; see utils.fileio.stamp_matches). Modification times alone
-    would trust a truncated file left by a full disk."""
-    from utils.fileio import stamp_matches
-
-    return stamp_matches(job.dst, job.src, _settings(job, size))
-
-
-def check_header(job: Job) -> None:
-    """Cheap pre-flight check of a volume's header (NIfTI/MHA/NRRD), so bad files stop the run early.
-
-    DICOM folders are only checked when read (reading their header means reading the series).
-
-    Raises:
-        InputError: missing, empty, unreadable, 4D or zero-sized input.
-    """
-    if job.kind == "copy" or job.src.is_dir():
-        return
-    if job.src.stat().st_size == 0:
-        raise InputError(job.src, "file is empty")
-    geo = read_geometry(job.src)
-    if 0 in geo.shape:
-        raise InputError(job.src, f"has a zero-sized dimension (shape {geo.shape})")
-    if any(not np.isfinite(s) or s <= 0 for s in geo.spacing):
-        raise InputError(job.src, f"has invalid voxel spacing {geo.spacing}")
-
-
-def run_job(job: Job, size: tuple[int, int]) -> str:
-    """Resample (or copy) one input; the output appears complete or not at all.
-
-    Returns:
-        A one-line description for the log.
-
-    Raises:
-        InputError: naming the input when it cannot be read (corrupt, 4D, NaN, ...).
-    """
-    from utils.fileio import atomic_path, write_stamp
-
-    if job.kind == "copy":
-        expected = job.src.stat().st_size
-
-        def same_size(tmp: Path) -> None:
-            if tmp.stat().st_size != expected:
-                raise InputError(job.dst, f"cannot write output (short copy: {tmp.stat().st_size} of "
-                                 f"{expected} bytes)")
-
-        with atomic_path(job.dst, verify=same_size, allow_empty=expected == 0) as tmp:
-            shutil.copyfile(job.src, tmp)
-        write_stamp(job.dst, job.src, _settings(job, size))
-        return f"copied {job.dst}"
-    vol = read_volume(job.src)
-    out = resample_inplane(vol, size, is_label=job.kind == "label")
-    write_volume(out, job.dst)
-    write_stamp(job.dst, job.src, _settings(job, size))
-    sa = "ijk"[slice_axis_index(vol.geometry)]
-    return (f"{job.kind:5s} {job.src} {vol.geometry.size} -> {out.geometry.size} "
-            f"(slice axis {sa}) -> {job.dst}")
-
-
-def resample_tree(raw_dir: str | Path, out_dir: str | Path, size: tuple[int, int],
-                  label_dirs: Sequence[str] = DEFAULT_LABEL_DIRS,
-                  label_patterns: Sequence[str] = DEFAULT_LABEL_PATTERNS,
-                  workers: int = 1, overwrite: bool = False, log=None) -> dict[str, int]:
-    """Resample every volume under ``raw_dir`` in-plane to ``size`` into a mirror under ``out_dir``.
-
-    All volume headers are checked before anything is written. Outputs are written atomically: when
-    an input turns out bad mid-run, the outputs finished so far stay complete and the bad file's
-    output never appears.
-
-    Args:
-        raw_dir: input folder (walked recursively).
-        out_dir: output folder (created; subfolders mirrored).
-        size: ``(s1, s2)``, see :func:`resample_inplane`.
-        label_dirs: folder names whose volumes are label maps (nearest neighbour).
-        label_patterns: file-name patterns (fnmatch) of label maps anywhere.
-        workers: processes (> 1 uses a process pool).
-        overwrite: redo outputs that are up to date (see :func:`is_up_to_date`).
-        log: callable taking one line (default: print to stdout).
-
-    Returns:
-        Counts ``{"resampled", "copied", "skipped"}``.
-
-    Raises:
-        InputError: naming the first bad input.
-    """
-    log = log or print  # progress on stdout: stderr is kept for the one error line
-    jobs = plan_jobs(Path(raw_dir), Path(out_dir), label_dirs, label_patterns)
-    from utils.fileio import check_writable, clean_stale_parts
-
-    check_writable(out_dir)
-    clean_stale_parts(out_dir)  # temporary files of a killed earlier run
-    todo = [j for j in jobs if overwrite or not is_up_to_date(j, size)]
-    for j in todo:
-        check_header(j)
-    counts = {"resampled": 0, "copied": 0, "skipped": len(jobs) - len(todo)}
-
-    def done(job: Job, line: str) -> None:
-        counts["copied" if job.kind == "copy" else "resampled"] += 1
-        log(line)
-
-    if workers <= 1 or len(todo) <= 1:
-        for j in todo:
-            done(j, run_job(j, size))
-        return counts
-    import multiprocessing as mp
-
-    # spawn: SimpleITK's thread pool does not survive fork reliably.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, j, size): j for j in todo}
-        finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        # Let jobs already running finish (their outputs are complete), then report the first error.
-        wait(pending)
-        error: BaseException | None = None
-        for f, j in futures.items():
-            if f.cancelled():
-                continue
-            exc = f.exception()
-            if exc is None:
-                done(j, f.result())
-            elif error is None:
-                error = exc
-        if error is not None:
-            raise error
-    return counts
-
-
-__all__ = [
-    "DEFAULT_LABEL_DIRS", "DEFAULT_LABEL_PATTERNS", "Job", "inplane_axes", "plan_jobs",
-    "resample_axis", "resample_inplane", "resample_tree", "resampled_geometry", "run_job",
-    "source_positions",
-]
+__all__ = ["inplane_axes", "resample_axis", "resample_inplane", "resampled_geometry", "source_positions"]

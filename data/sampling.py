@@ -26,9 +26,11 @@ from torch import Tensor
 
 from data.cache import CachedVolume
 from data.config import IGNORE_INDEX, Config
+from data.preprocess import PAD_WINDOWED
+from data.slab import slab_indices
 from data.volume import VIEWS
 
-PAD_IMAGE = -1.0
+PAD_IMAGE = PAD_WINDOWED  # crops beyond a slice: air after windowing
 # Unlabeled slices are drawn where the body is: a pixel is body above this windowed value (-1 is the
 # window's low end: air and lung; -0.9 is about -180 HU with the default window), and a slice holds
 # body when at least BODY_FRACTION of the largest body area of its stack is there.
@@ -123,19 +125,6 @@ def collate_unlabeled(samples: Sequence[dict[str, Any]]) -> UnlabeledBatch:
 
 # ----------------------------------------------------------------------------------------------
 # Dataset
-
-
-def slab_indices(centres: np.ndarray, n: int, slices: int) -> np.ndarray:
-    """Slice indices of the 2.5D inputs centred on ``centres`` in a stack of ``n`` slices.
-
-    The one definition shared by training, validation and inference: ``slices`` adjacent slices with
-    the centre slice in the middle (channel ``slices // 2``), indices clamped to the stack's ends.
-
-    Returns:
-        ``(len(centres), slices)`` int64 array.
-    """
-    offsets = np.arange(slices) - slices // 2
-    return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets[None, :], 0, n - 1)
 
 
 def body_slices(stack: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,18 +177,12 @@ def slice_axis_index(geometry: Geometry) -> int:
     return orientation_of(geometry.direction).perm[2]
 
 
-def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
-    """Reorient a volume to canonical LPS (see module docstring) without interpolation.
-
-    Returns:
-        The canonical volume (contiguous array, geometry describing the same physical voxels) and
-        the :class:`Orientation` whose ``invert`` maps canonical arrays back to the input's order.
-    """
-    geo = volume.geometry
-    ori = orientation_of(geo.direction)
-    d = geo.direction_matrix
-    size = geo.size
-    spacing = tuple(float(geo.spacing[ori.perm[c]]) for c in range(3))
+def canonical_geometry(geometry: Geometry) -> tuple[Geometry, Orientation]:
+    """The geometry :func:`to_canonical` gives a volume of this geometry (no array needed)."""
+    ori = orientation_of(geometry.direction)
+    d = geometry.direction_matrix
+    size = geometry.size
+    spacing = tuple(float(geometry.spacing[ori.perm[c]]) for c in range(3))
     new_d = np.zeros((3, 3))
     start = np.zeros(3)
     for c in range(3):
@@ -196,15 +190,96 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
         new_d[:, c] = -d[:, a] if ori.flip[c] else d[:, a]
         if ori.flip[c]:
             start[a] = size[a] - 1
-    origin = geo.index_to_world(start)
-    array = np.ascontiguousarray(ori.apply(volume.array))
-    new_geo = Geometry(
-        shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+    origin = geometry.index_to_world(start)
+    csize = [size[ori.perm[c]] for c in range(3)]
+    return Geometry(
+        shape=(int(csize[2]), int(csize[1]), int(csize[0])),
         spacing=spacing,  # type: ignore[arg-type]
         origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in new_d.ravel()),
-    )
-    return Volume(array, new_geo), ori
+    ), ori
+
+
+def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
+    """Reorient a volume to canonical LPS (see module docstring) without interpolation.
+
+    Returns:
+        The canonical volume (contiguous array, geometry describing the same physical voxels) and
+        the :class:`Orientation` whose ``invert`` maps canonical arrays back to the input's order.
+    """
+    geo, ori = canonical_geometry(volume.geometry)
+    array = np.ascontiguousarray(ori.apply(volume.array))
+    if tuple(array.shape) != geo.shape:
+        raise AssertionError(f"canonical shape {array.shape} != {geo.shape}")  # a bug, not bad input
+    return Volume(array, geo), ori
+
+
+def match_grid(volume: Volume, target: Geometry, tol: float = 1e-4) -> Volume | None:
+    """``volume`` on ``target``'s grid when both are the same physical voxels in another index order
+    (axis permutation / flips, e.g. a dcm2niix-style label of a DICOM series), else None.
+
+    Exact: the array is only transposed and flipped, never interpolated.
+    """
+    if volume.geometry.same_grid(target, tol):
+        return volume
+    canon, _ = to_canonical(volume)
+    target_canon, target_ori = canonical_geometry(target)
+    if not canon.geometry.same_grid(target_canon, tol):
+        return None
+    return Volume(np.ascontiguousarray(target_ori.invert(canon.array)), target)
+
+
+def same_physical_grid(a: Geometry, b: Geometry, tol: float = 1e-4) -> bool:
+    """True when two geometries hold the same voxels, possibly in another index order."""
+    return canonical_geometry(a)[0].same_grid(canonical_geometry(b)[0], tol)
+
+
+def to_storage(volume: Volume, target: Orientation | Sequence[float]) -> Volume:
+    """The inverse of :func:`to_canonical`: store a canonical volume in another axis order / flips.
+
+    Args:
+        volume: a canonical volume (as :func:`to_canonical` returns, any direction close to LPS).
+        target: the :class:`Orientation` that :func:`to_canonical` returned for the original grid,
+            or a direction matrix (row-major signed permutation; ``volume`` must then have the
+            identity direction, as the phantom generator's volumes have).
+
+    Returns:
+        The same physical voxels in the target order, with matching spacing, origin and direction, so
+        that :func:`to_canonical` gives ``volume`` back exactly.
+
+    Raises:
+        ValueError: a direction that is not a signed permutation, or a non-identity ``volume``
+            direction with one.
+    """
+    geo = volume.geometry
+    if isinstance(target, Orientation):
+        ori = target
+    else:
+        d = np.asarray(target, dtype=np.float64).reshape(3, 3)
+        if not (np.allclose(np.abs(d).sum(axis=0), 1) and np.allclose(np.abs(d).sum(axis=1), 1)
+                and set(np.unique(np.abs(d))) <= {0.0, 1.0}):
+            raise ValueError(f"direction {tuple(target)} is not a signed permutation")
+        if not np.allclose(geo.direction_matrix, np.eye(3)):
+            raise ValueError("to_storage with a direction expects a canonical (identity-direction) volume")
+        ori = orientation_of(d)
+    cd = geo.direction_matrix
+    csize = geo.size
+    start = np.array([csize[c] - 1 if ori.flip[c] else 0 for c in range(3)], dtype=np.float64)
+    origin = geo.index_to_world(start)
+    spacing = [0.0, 0.0, 0.0]
+    new_d = np.zeros((3, 3))
+    for c in range(3):
+        spacing[ori.perm[c]] = float(geo.spacing[c])
+        new_d[:, ori.perm[c]] = -cd[:, c] if ori.flip[c] else cd[:, c]
+    view = ori.invert(volume.array)
+    # Copy in slabs: a permuted copy of a whole volume at once thrashes the cache (3x slower).
+    array = np.empty(view.shape, dtype=view.dtype)
+    for j in range(0, view.shape[1], 16):
+        array[:, j:j + 16] = view[:, j:j + 16]
+    return Volume(array, Geometry(shape=tuple(int(v) for v in array.shape),  # type: ignore[arg-type]
+                                  spacing=tuple(spacing),  # type: ignore[arg-type]
+                                  origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+                                  direction=tuple(float(v) for v in new_d.ravel())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +293,30 @@ def strip_volume_suffix(name: str) -> str:
         if lower.endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+DICOM_SUFFIXES = ("", ".dcm", ".ima")
+
+
+def is_dicom_dir(path: str | Path) -> bool:
+    """The one rule for "this folder is a DICOM series" (layout discovery, resample.py, segment.py,
+    evaluate.py): at least one non-hidden file, and every one named like DICOM (no suffix, ``.dcm``,
+    ``.ima``). No header is parsed, so discovery stays cheap; a folder that passes but holds no
+    readable series stops with one line when it is read (:func:`read_volume`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in DICOM_SUFFIXES for p in files)
+
+
+def output_name(name: str) -> str:
+    """The file name a volume named ``name`` is written under (resample.py, segment.py).
+
+    A ``.mhd`` header points at a separate ``.raw`` file that an atomic rename would orphan, so
+    ``.mhd`` becomes ``.mha``; other names are kept.
+    """
+    return name[:-4] + ".mha" if name.lower().endswith(".mhd") else name
 
 
 def _sitk():
@@ -290,8 +389,47 @@ def _dicom_positions(folder: Path, files: list[str]) -> None:
                          f"where the series spacing is {step:.3g} mm")
 
 
+def _load_nifti2(path: Path):
+    """The nibabel image of a NIfTI-2 file (header only, data lazy), or None for anything else."""
+    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return None
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:
+        return None  # SimpleITK's reader reports the problem
+    return img if isinstance(img, nib.Nifti2Image) else None
+
+
+def _nifti2_image(path: Path):
+    """A NIfTI-2 file as a SimpleITK image (SimpleITK 2.5's reader does not know NIfTI-2), or None
+    for anything else. nibabel's affine (sform when set, else qform; RAS) is converted to LPS."""
+    img = _load_nifti2(path)
+    if img is None:
+        return None
+    data = np.asanyarray(img.dataobj)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"is a {data.ndim}D NIfTI-2 volume (shape {data.shape}); expected 3D")
+    affine = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(img.affine, dtype=np.float64)[:3]  # RAS -> LPS
+    spacing = np.linalg.norm(affine[:, :3], axis=0)
+    if not np.all(spacing > 0):
+        raise InputError(path, f"has a singular affine (voxel sizes {spacing.tolist()})")
+    sitk = _sitk()
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    out.SetSpacing([float(v) for v in spacing])
+    out.SetOrigin([float(v) for v in affine[:, 3]])
+    out.SetDirection([float(v) for v in (affine[:, :3] / spacing).ravel()])
+    return out
+
+
 def _read_image(path: Path):
     sitk = _sitk()
+    nifti2 = _nifti2_image(path)
+    if nifti2 is not None:
+        return nifti2
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         ids = reader.GetGDCMSeriesIDs(str(path))
@@ -481,7 +619,7 @@ def read_geometry(path: str | Path) -> Geometry:
     """Read only the header geometry of a volume file (cheap for NIfTI)."""
     sitk = _sitk()
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or _load_nifti2(path) is not None:  # DICOM series, NIfTI-2: read it all
         return _geometry_of(read_image_sitk(path))
     if not path.exists():
         raise InputError(path, "file does not exist")

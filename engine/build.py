@@ -25,10 +25,12 @@ log = logging.getLogger("unimos")
 
 
 def run_config(opts: TrainOptions) -> Config:
-    """The config file with ``--inplane``, ``--hu-window`` and ``--class-weights`` applied."""
+    """The config file with ``--inplane``, ``--spacing``, ``--hu-window`` and ``--class-weights`` applied."""
     config = load_config(opts.config)
     if opts.inplane:
         config = replace(config, inplane_size=(int(opts.inplane[0]), int(opts.inplane[1])))
+    if opts.spacing is not None:  # physical in-plane mode, recorded in the checkpoint's config
+        config = replace(config, inplane_spacing=float(opts.spacing))
     if opts.hu_window:
         config = replace(config, hu_window=(float(opts.hu_window[0]), float(opts.hu_window[1])))
     if opts.class_weights:

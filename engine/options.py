@@ -26,6 +26,7 @@ class TrainOptions:
     datasets: str | None = None
     cache: str | None = None
     inplane: tuple[int, int] | None = None
+    spacing: float | None = None
     hu_window: tuple[float, float] | None = None
     view: str = "axial"
     slices: int = 3

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from data.config import IGNORE_INDEX, Config
-from data.sampling import PAD_IMAGE, slab_indices
+from data.sampling import PAD_IMAGE
+from data.slab import slab_indices
 from engine.runtime import DistInfo, autocast
 from models.mosnet import DIVISOR
 from utils.metrics import dice_from_stats, overlap_stats

@@ -3,10 +3,14 @@
 Used by ``evaluate.py`` and ``segment.py --evaluating``. The metrics themselves are the pure
 functions of :mod:`utils.metrics`.
 
-Class spaces: each evaluated organ has a value in the prediction (``--labels`` or the config order,
-class ``i + 1``) and a value in the ground truth (the same, or the config class after mapping the
-file values with a dataset's label map, ``--gt-dataset``). Both maps are brought to one space
-(organ ``n`` of the evaluated list = ``n + 1``) before scoring.
+Class spaces: each evaluated organ has one or more values in the prediction (``--labels``, e.g.
+``kidney:2,3``, or the config order, class ``i + 1``) and in the ground truth (the same, or the config
+class after mapping the file values with a dataset's label map, ``--gt-dataset``). Both maps are
+brought to one space (organ ``n`` of the evaluated list = ``n + 1``) before scoring. Prediction and
+ground truth are always mapped consistently: with ``--labels`` and ``--gt-dataset`` together, a
+prediction value that ``--labels`` leaves out (it would count as background) while the dataset maps it
+to a scored organ is refused -- e.g. ``kidney:2`` on a prediction holding BTCV's left kidney 3.
+A ground truth on the prediction's physical grid in another index order is reoriented exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from data.config import Config, DatasetSpec
-from data.volume import VOLUME_SUFFIXES, Volume, read_volume, strip_volume_suffix
+from data.layout import case_key, index_by_key
+from data.volume import VOLUME_SUFFIXES, Volume, match_grid, read_volume, strip_volume_suffix
 from utils.errors import InputError
 from utils.fileio import write_json_atomic, write_text_atomic
 from utils.metrics import evaluate_case
@@ -30,27 +35,39 @@ from utils.metrics import evaluate_case
 METRICS = ("dice", "hd95", "assd", "vol_pred_ml", "vol_gt_ml")
 
 
-def parse_labels(text: str) -> dict[str, int]:
-    """``"liver:1,kidney:2"`` -> ``{"liver": 1, "kidney": 2}``.
+def parse_labels(text: str) -> dict[str, tuple[int, ...]]:
+    """``"liver:1,kidney:2,3"`` -> ``{"liver": (1,), "kidney": (2, 3)}``.
+
+    A bare number continues the organ before it, so several file values may map to one organ.
 
     Raises:
-        InputError: malformed text, duplicate names or values, values outside 1..255.
+        InputError: malformed text, a repeated name or value, values outside 1..255.
     """
-    out: dict[str, int] = {}
+    out: dict[str, list[int]] = {}
+    current: str | None = None
+    seen: set[int] = set()
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, sep, value = item.partition(":")
+        name, sep, value = item.partition(":") if ":" in item else ("", "", item)
         try:
             v = int(value)
         except ValueError:
             v = -1
-        if not sep or not name.strip() or not 1 <= v <= 255:
-            raise InputError(None, f"--labels: '{item}' is not NAME:VALUE with VALUE in 1..255")
-        if name.strip() in out or v in out.values():
-            raise InputError(None, f"--labels: '{item}' repeats a name or a value")
-        out[name.strip()] = v
+        if sep and name.strip():
+            current = name.strip()
+            if current in out:
+                raise InputError(None, f"--labels: '{item}' repeats the name {current!r}")
+            out[current] = []
+        elif sep or current is None:
+            current = None
+        if current is None or not 1 <= v <= 255:
+            raise InputError(None, f"--labels: '{item}' is not NAME:VALUE[,VALUE...] with values in 1..255")
+        if v in seen:
+            raise InputError(None, f"--labels: value {v} is given twice")
+        seen.add(v)
+        out[current].append(v)
     if not out:
         raise InputError(None, "--labels is empty")
-    return out
+    return {k: tuple(v) for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -59,8 +76,8 @@ class ClassSpec:
 
     Attributes:
         organs: evaluated organ names (report order).
-        pred_values: value of each organ in prediction files.
-        gt_values: value of each organ in ground truth files *after* the dataset mapping (if any).
+        pred_values: the values of each organ in prediction files.
+        gt_values: the values of each organ in ground truth files *after* the dataset mapping (if any).
         gt_dataset: dataset whose label map converts ground-truth file values, or None.
         config: the config (for the dataset mapping).
         allowed: label values accepted in the files (the config's classes when there is no
@@ -68,14 +85,28 @@ class ClassSpec:
     """
 
     organs: tuple[str, ...]
-    pred_values: tuple[int, ...]
-    gt_values: tuple[int, ...]
+    pred_values: tuple[tuple[int, ...], ...]
+    gt_values: tuple[tuple[int, ...], ...]
     gt_dataset: DatasetSpec | None
     config: Config
     allowed: tuple[int, ...] | None = None
 
 
-def class_spec(config: Config, labels: dict[str, int] | None = None,
+def unlisted_organ_values(spec: ClassSpec, present: Sequence[int]) -> list[int]:
+    """Values in a prediction that ``--labels`` leaves out but ``--gt-dataset`` maps to a scored organ.
+
+    Such a value counts as background in the prediction and as an organ in the ground truth: the two
+    would be mapped differently (only checked when both ``--labels`` and a dataset are given).
+    """
+    if spec.gt_dataset is None or spec.allowed is not None:
+        return []
+    listed = {v for vs in spec.pred_values for v in vs}
+    ds = spec.gt_dataset
+    return [int(v) for v in present
+            if v and v not in listed and ds.labels.get(int(v)) in spec.organs]
+
+
+def class_spec(config: Config, labels: dict[str, tuple[int, ...]] | None = None,
                gt_dataset: str | None = None) -> ClassSpec:
     """Build the :class:`ClassSpec` from a config, optional ``--labels`` and ``--gt-dataset``.
 
@@ -95,8 +126,9 @@ def class_spec(config: Config, labels: dict[str, int] | None = None,
                              f"(datasets: {[d.name for d in config.datasets]})") from None
     if labels is None:
         organs = list(config.organs)
-        pred_values = {o: config.organ_index(o) for o in organs}
+        pred_values = {o: (config.organ_index(o),) for o in organs}
     else:
+        labels = {o: (v,) if isinstance(v, int) else tuple(v) for o, v in labels.items()}
         organs = list(labels)
         pred_values = dict(labels)
     if ds is not None:
@@ -105,7 +137,7 @@ def class_spec(config: Config, labels: dict[str, int] | None = None,
             raise InputError(None, f"--labels organs {unknown} are not organs of {config.source} "
                              f"({list(config.organs)}), so --gt-dataset cannot map them")
         organs = [o for o in organs if o in ds.organ_names()]
-        gt_values = {o: config.organ_index(o) for o in organs}
+        gt_values = {o: (config.organ_index(o),) for o in organs}
     else:
         gt_values = dict(pred_values)
     if not organs:
@@ -125,11 +157,12 @@ def _check_integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.uint8, copy=False)
 
 
-def to_eval_space(array: np.ndarray, values: Sequence[int], path: Path,
+def to_eval_space(array: np.ndarray, values: Sequence[int | Sequence[int]], path: Path,
                   allowed: Sequence[int] | None = None) -> np.ndarray:
     """Map label values to the evaluation space (organ ``n`` -> ``n + 1``, everything else 0).
 
     Args:
+        values: per organ, its value or values.
         allowed: values accepted besides 0; others are an error. None accepts anything.
 
     Raises:
@@ -144,7 +177,7 @@ def to_eval_space(array: np.ndarray, values: Sequence[int], path: Path,
                              f"({list(allowed)}); give --labels NAME:VALUE,... or --gt-dataset")
     lut = np.zeros(256, dtype=np.uint8)
     for n, v in enumerate(values):
-        lut[v] = n + 1
+        lut[[v] if isinstance(v, (int, np.integer)) else list(v)] = n + 1
     return lut[a]
 
 
@@ -152,37 +185,37 @@ def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
                   gt_path: Path) -> dict[str, dict[str, float]]:
     """Per-organ metrics of a prediction volume against a ground-truth volume.
 
+    A ground truth holding the prediction's voxels in another index order (flipped or permuted axes)
+    is reoriented exactly (:func:`data.volume.match_grid`).
+
     Raises:
         InputError: the grids differ (names the ground truth file), bad label values.
     """
-    if not pred.geometry.same_grid(gt.geometry):
+    matched = match_grid(gt, pred.geometry)
+    if matched is None:
         raise InputError(gt_path, f"grid differs from the prediction {pred_path} "
                          f"({gt.geometry.describe()} vs {pred.geometry.describe()})")
-    gt_arr = gt.array
+    gt_arr = matched.array
     if spec.gt_dataset is not None:
         gt_arr = spec.config.map_labels(spec.gt_dataset, gt_arr, gt_path)
         gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path)
     else:
         gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path, spec.allowed)
     pred_eval = to_eval_space(pred.array, spec.pred_values, pred_path, spec.allowed)
+    present = np.flatnonzero(np.bincount(pred.array.astype(np.uint8, copy=False).ravel(), minlength=256))
+    clash = unlisted_organ_values(spec, present)
+    if clash:
+        ds = spec.gt_dataset
+        raise InputError(pred_path, f"holds values {clash} that --labels leaves out (background) but "
+                         f"{ds.name} maps to {sorted({ds.labels[v] for v in clash})} in the ground truth; "
+                         "prediction and ground truth would be mapped differently: list them in --labels "
+                         "(e.g. kidney:2,3)")
     spacing_zyx = tuple(reversed(pred.geometry.spacing))
     return evaluate_case(pred_eval, gt_eval, spacing_zyx, {o: n + 1 for n, o in enumerate(spec.organs)})
 
 
 # ----------------------------------------------------------------------------------------------
 # Pairing files
-
-
-def case_key(path: Path, token: str | None = None) -> str:
-    """The name that pairs files: the name without its volume suffix, minus ``token`` (first match).
-
-    ``volume-7.nii`` with token ``volume`` -> ``-7``, which pairs with ``segmentation-7.nii``
-    (token ``segmentation``).
-    """
-    stem = strip_volume_suffix(path.name)
-    if token and token in stem:
-        stem = stem.replace(token, "", 1)
-    return stem
 
 
 def list_volume_files(folder: Path) -> list[Path]:
@@ -206,13 +239,7 @@ class CasePair:
 
 
 def _index(files: Sequence[Path], token: str | None) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in files:
-        k = case_key(p, token)
-        if k in out:
-            raise InputError(p, f"has the same case name '{k}' as {out[k].name}")
-        out[k] = p
-    return out
+    return index_by_key(list(files), lambda p: case_key(p, token), "files")
 
 
 def pair_cases(pred: str | Path, gt: str | Path, pred_token: str | None = None,

@@ -11,17 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from data.config import Config
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)
+from utils.metrics import bounding_box
 
 
 def largest_components(mask: np.ndarray, keep: int = 1) -> np.ndarray:
@@ -34,7 +24,7 @@ def largest_components(mask: np.ndarray, keep: int = 1) -> np.ndarray:
     """
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros_like(mask)
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None or keep < 1:
         return out
     sub = mask[box]
@@ -67,7 +57,7 @@ def keep_largest_components(labels: np.ndarray, config: Config, inplace: bool = 
     for i, organ in enumerate(config.organs):
         cls = i + 1
         mask = out == cls
-        box = _bbox(mask)
+        box = bounding_box(mask)
         if box is None:
             continue
         sub = mask[box]

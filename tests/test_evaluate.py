@@ -40,8 +40,10 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_parse_labels_and_keys():
-    assert parse_labels("liver:1, kidney:2") == {"liver": 1, "kidney": 2}
-    for bad in ("liver", "liver:0", "liver:1,kidney:1", "liver:x"):
+    assert parse_labels("liver:1, kidney:2") == {"liver": (1,), "kidney": (2,)}
+    assert parse_labels("kidney:2,3,liver:5") == {"kidney": (2, 3), "liver": (5,)}
+    for bad in ("liver", "liver:0", "liver:1,kidney:1", "liver:x", "2,liver:1", "liver:1,2,2",
+                "liver:1,liver:2", "liver:1,x"):
         with pytest.raises(InputError):
             parse_labels(bad)
     assert case_key(Path("volume-7.nii"), "volume") == "-7"
@@ -52,9 +54,10 @@ def test_parse_labels_and_keys():
 def test_class_spec_dataset_limits_organs():
     cfg = load_config()
     spec = class_spec(cfg, gt_dataset="LiTS")
-    assert spec.organs == ("liver",) and spec.gt_values == (1,)
+    assert spec.organs == ("liver",) and spec.gt_values == ((1,),)
     spec = class_spec(cfg, parse_labels("spleen:1,liver:6"), gt_dataset="BTCV")
-    assert spec.organs == ("spleen", "liver") and spec.pred_values == (1, 6) and spec.gt_values == (3, 1)
+    assert spec.organs == ("spleen", "liver") and spec.pred_values == ((1,), (6,))
+    assert spec.gt_values == ((3,), (1,))
     with pytest.raises(InputError, match="NoSuch"):
         class_spec(cfg, gt_dataset="NoSuch")
 
@@ -173,7 +176,7 @@ def test_cli_bad_input(tmp_path, capsys, problem):
 
 
 def test_overlay_physical_aspect_and_contours():
-    from utils.overlay import render_overlay
+    from inference.overlay import render_overlay
 
     shape = (10, 40, 60)  # 10 slices of 5 mm: 50 mm tall, 60 mm wide (1 mm pixels)
     image = Volume(np.full(shape, 100, np.int16), Geometry(shape, (1.0, 1.0, 5.0), (0.0, 0.0, 0.0)))

@@ -261,7 +261,7 @@ def test_write_volume_refuses_a_sheared_grid(tmp_path):
 
 
 def test_rerun_redoes_a_corrupted_output_with_a_newer_mtime(tmp_path):
-    from data.resample import resample_tree
+    from data.resample_tree import resample_tree
 
     raw = _raw_tree(tmp_path, n=1)
     out = tmp_path / "out"

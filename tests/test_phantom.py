@@ -12,7 +12,15 @@ from scipy import ndimage
 import data.phantom as P
 import synth
 from data.config import load_config
-from data.volume import Geometry, Volume, read_geometry, read_volume, slice_axis_index, to_canonical
+from data.volume import (
+    Geometry,
+    Volume,
+    read_geometry,
+    read_volume,
+    slice_axis_index,
+    to_canonical,
+    to_storage,
+)
 from utils.errors import InputError
 
 SCALE = 0.125  # LiTS/KiTS/BTCV 64x64, MSDSpleen 32x32 in-plane
@@ -108,11 +116,15 @@ def test_anatomy_is_where_it_belongs():
 
 
 def test_upsample_linear_hand_values():
+    # the phantoms' integer upsampling is data.resample.resample_axis (cell-centred, edges replicated)
+    from data.resample import resample_axis
+
     a = np.array([[0.0, 4.0]], dtype=np.float32)
-    np.testing.assert_allclose(P._upsample_linear(a, 2, axis=1), [[0, 1, 3, 4]])
-    np.testing.assert_allclose(P._upsample_linear(a, 1, axis=1), a)
+    np.testing.assert_allclose(resample_axis(a, 1, 4, is_label=False), [[0, 1, 3, 4]])
+    np.testing.assert_allclose(resample_axis(a, 1, 2, is_label=False), a)
     # factor 3: samples at -1/3, 0, +1/3 of a cell (edges replicated)
-    np.testing.assert_allclose(P._upsample_linear(a, 3, axis=1), [[0, 0, 4 / 3, 8 / 3, 4, 4]], atol=1e-6)
+    np.testing.assert_allclose(resample_axis(a, 1, 6, is_label=False), [[0, 0, 4 / 3, 8 / 3, 4, 4]],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(P.DATASET_STYLES))
@@ -120,7 +132,7 @@ def test_to_storage_round_trip_is_exact(name):
     rng = np.random.default_rng(5)
     arr = rng.integers(-1000, 1000, size=(4, 5, 6)).astype(np.int16)
     canon = Volume(arr, Geometry((4, 5, 6), (0.7, 0.8, 3.0), (-100.0, -50.0, -300.0)))
-    stored = P.to_storage(canon, P.DATASET_STYLES[name].direction)
+    stored = to_storage(canon, P.DATASET_STYLES[name].direction)
     back, _ = to_canonical(stored)
     assert np.array_equal(back.array, arr)
     assert back.geometry.same_grid(canon.geometry, tol=1e-9)
@@ -135,7 +147,7 @@ def test_to_storage_round_trip_is_exact(name):
 def test_to_storage_rejects_non_permutations():
     canon = Volume(np.zeros((2, 2, 2), np.int16), Geometry((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     with pytest.raises(ValueError):
-        P.to_storage(canon, (0.8, 0.6, 0, -0.6, 0.8, 0, 0, 0, 1))
+        to_storage(canon, (0.8, 0.6, 0, -0.6, 0.8, 0, 0, 0, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +211,11 @@ def test_read_back_gives_the_canonical_phantom(synth_root, name):
     assert np.array_equal(canon_img.array, expected.array)
     assert canon_img.geometry.same_grid(expected.geometry)
     assert np.array_equal(canon_lab.array, P.dataset_labels(tissue, name))
-    assert canon_img.array.shape[1] == canon_img.array.shape[2] == round(style.inplane_size * SCALE)
+    spec = P.draw_spec(P.case_rng(SEED, name, n), style, SCALE)
+    if spec.crop_margin is None:  # the scanner's square field of view
+        assert canon_img.array.shape[1] == canon_img.array.shape[2] == round(style.inplane_size * SCALE)
+    else:  # a body-tight crop: smaller, and wider than deep
+        assert canon_img.array.shape[1] < canon_img.array.shape[2] <= round(style.inplane_size * SCALE)
 
 
 def test_orientation_after_canonicalising(synth_root):
@@ -226,7 +242,8 @@ def test_kits_is_stored_slices_first(synth_root):
     assert slice_axis_index(geo) == 0  # ITK index i runs superior-inferior
     vol = read_volume(image)
     canon, _ = to_canonical(vol)
-    assert vol.array.shape == (64, 64, canon.array.shape[0])  # numpy's last axis = slices
+    assert vol.array.shape[2] == canon.array.shape[0]  # numpy's last axis = slices
+    assert vol.array.shape[:2] == (canon.array.shape[2], canon.array.shape[1])
     assert geo.spacing[0] == canon.geometry.spacing[2] and geo.spacing[0] >= 3.0
     assert slice_axis_index(read_geometry(synth_root / "LiTS/labeled/volume-0.nii")) == 2
 
@@ -323,3 +340,35 @@ def test_cli_prints_one_line_per_dataset(tmp_path, capsys):
     assert [ln.split(":")[0] for ln in lines[:2]] == ["MSDSpleen", "BTCV"]
     assert (tmp_path / "MSDSpleen/unlabeled/spleen_2.nii.gz").is_file()
     assert not (tmp_path / "BTCV/unlabeled").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Field-of-view variety (issue 15): body-tight non-square crops and square fields of 358-500 mm
+
+
+def test_fields_of_view_vary_in_every_style():
+    for name, style in P.DATASET_STYLES.items():
+        specs = [P.draw_spec(P.case_rng(0, name, n), style) for n in range(40)]
+        tight = [s for s in specs if s.crop_margin is not None]
+        square = [s.inplane_size * s.inplane_spacing for s in specs if s.crop_margin is None]
+        assert 4 <= len(tight) <= 24, name  # about 30 %
+        assert min(square) >= 355 and max(square) <= 500 and max(square) - min(square) > 60, name
+        assert len({s.slice_spacing for s in specs}) == len(style.slice_spacing)
+        assert max(s.z_margin[0] for s in specs) > 20
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_body_tight_crop_is_non_square_and_holds_the_whole_body(seed):
+    spec = P.PhantomSpec(inplane_size=128, inplane_spacing=3.0, slice_spacing=5.0,
+                         crop_margin=(8.0, 15.0), z_margin=(20.0, 0.0))
+    image, tissue = P.make_phantom(np.random.default_rng(seed), spec)
+    _, ny, nx = image.array.shape
+    fov = (nx * 3.0, ny * 3.0)
+    assert 300 <= fov[0] <= 400 and 240 <= fov[1] <= 320 and nx > ny
+    # nothing of the body touches the border (air all round), and no scanner circle inside the crop
+    body = tissue != P.TISSUE_ID["air"]
+    outside = ~ndimage.binary_fill_holes(body[body.shape[0] // 2])
+    assert outside[0].all() and outside[-1].all() and outside[:, 0].all() and outside[:, -1].all()
+    assert (image.array[:, 0, 0] == P.PADDING_HU).mean() < 0.5  # noisy air, not the padding value
+    same, _ = P.make_phantom(np.random.default_rng(seed), spec)
+    assert same.array.tobytes() == image.array.tobytes()  # seeded determinism

@@ -18,7 +18,8 @@ from data.preprocess import (
     view_to_canonical,
     window_hu,
 )
-from data.resample import resample_axis, resample_inplane, resample_tree, resampled_geometry
+from data.resample import resample_axis, resample_inplane, resampled_geometry
+from data.resample_tree import resample_tree
 from data.volume import Geometry, Volume, read_volume, to_canonical, write_volume
 from tests.helpers import random_direction, write_dicom_series
 from utils.errors import InputError
@@ -143,18 +144,19 @@ def test_labels_nearest_no_new_values():
 def test_prepare_canonical_noop_size_and_resample():
     rng = np.random.default_rng(2)
     arr = rng.integers(-500, 500, size=(4, 8, 6)).astype(np.int16)
-    geo = Geometry((4, 8, 6), (0.7, 0.8, 2.0), (1, 2, 3), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    # 6 x 8 voxels of 0.8 mm: the field of view has the aspect of a 6 x 8 grid, so nothing is padded
+    geo = Geometry((4, 8, 6), (0.8, 0.8, 2.0), (1, 2, 3), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
     vol = Volume(arr, geo)
     direct, ori = to_canonical(vol)
     canon, ori2 = prepare_canonical(vol, (6, 8), is_label=False)  # already 6 x 8
     assert ori == ori2
     assert canon.array.dtype == np.float32
     np.testing.assert_array_equal(canon.array, direct.array.astype(np.float32))
-    canon2, _ = prepare_canonical(vol, (12, 4), is_label=False)
-    assert canon2.array.shape == (4, 4, 12)
+    canon2, _ = prepare_canonical(vol, (3, 4), is_label=False)
+    assert canon2.array.shape == (4, 4, 3)
     np.testing.assert_allclose(_edges(canon2.geometry)[[0, 7]].sum(0), _edges(direct.geometry)[[0, 7]].sum(0))
-    lab, _ = prepare_canonical(vol.with_array((arr > 0).astype(np.uint8)), (12, 4), is_label=True)
-    assert lab.array.dtype == np.uint8 and lab.array.shape == (4, 4, 12)
+    lab, _ = prepare_canonical(vol.with_array((arr > 0).astype(np.uint8)), (3, 4), is_label=True)
+    assert lab.array.dtype == np.uint8 and lab.array.shape == (4, 4, 3)
 
 
 def test_sitk_inplane_equals_separable_axis_resampling():
@@ -210,7 +212,8 @@ def test_view_stack_shapes_and_round_trip():
 
 
 def _write_raw(raw: Path) -> None:
-    geo = Geometry((3, 10, 12), (0.8, 0.9, 2.5), (10.0, 20.0, 30.0))
+    # 12 x 10 voxels of 0.9 mm: the aspect of the tests' 6 x 5 grid (nothing padded)
+    geo = Geometry((3, 10, 12), (0.9, 0.9, 2.5), (10.0, 20.0, 30.0))
     rng = np.random.default_rng(0)
     write_volume(Volume(rng.integers(-1000, 1000, (3, 10, 12)).astype(np.int16), geo),
                  raw / "Spleen" / "labeled" / "a.nii.gz")
@@ -234,8 +237,8 @@ def test_cli_end_to_end_and_skip(tmp_path):
     src = read_volume(raw / "Spleen" / "labeled" / "a.nii.gz")
     assert img.array.shape == (3, 5, 6) and img.array.dtype == np.int16
     assert lab.array.dtype == np.uint8 and set(np.unique(lab.array)) <= {0, 1, 2}
-    np.testing.assert_allclose(img.geometry.spacing, (1.6, 1.8, 2.5), atol=1e-5)
-    np.testing.assert_allclose(img.geometry.origin, (10.4, 20.45, 30.0), atol=1e-4)
+    np.testing.assert_allclose(img.geometry.spacing, (1.8, 1.8, 2.5), atol=1e-5)
+    np.testing.assert_allclose(img.geometry.origin, (10.45, 20.45, 30.0), atol=1e-4)
     np.testing.assert_allclose(_edges(img.geometry), _edges(src.geometry), atol=1e-4)
     assert json.loads((out / "Spleen" / "dataset.json").read_text()) == {"name": "x"}
     res2 = _run_cli("-p1", str(raw), "-p2", str(out), "-s1", "6", "-s2", "5")

@@ -223,7 +223,7 @@ def test_intensity_jitter_is_a_per_sample_affine_map(volumes):
 
 
 def test_slab_indices_centre_in_the_middle_and_clamped():
-    from data.sampling import slab_indices
+    from data.slab import slab_indices
 
     idx = slab_indices(np.array([0, 1, 4]), n=5, slices=3)
     assert idx.tolist() == [[0, 0, 1], [0, 1, 2], [3, 4, 4]]

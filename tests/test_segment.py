@@ -166,12 +166,13 @@ def _phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarra
 
 
 def _exact_case(seed: int):
-    """Random orientation; canonical spacing (x 1.0, y 1.5, z 1.0) so the S-I resampling of coronal and
-    sagittal stacks is the identity; config in-plane size = canonical in-plane shape (no resampling)."""
+    """Random orientation; canonical spacing 1 mm so the S-I resampling of coronal and sagittal stacks
+    is the identity; config in-plane size = canonical in-plane shape, whose field of view then has the
+    grid's aspect (no padding, no resampling)."""
     rng = np.random.default_rng(seed)
     direction = random_direction(rng)
     ori = orientation_of(direction)
-    canon_spacing = (1.0, 1.5, 1.0)
+    canon_spacing = (1.0, 1.0, 1.0)
     spacing = [0.0, 0.0, 0.0]
     for c in range(3):
         spacing[ori.perm[c]] = canon_spacing[c]

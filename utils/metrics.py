@@ -104,7 +104,7 @@ def surface_distances(pred_mask: np.ndarray, gt_mask: np.ndarray,
     union = pred | gt
     if not union.any():
         return np.zeros(0), np.zeros(0)
-    box = _bbox(union, margin=1)
+    box = bounding_box(union, margin=1)
     pred, gt = pred[box], gt[box]
     s_pred, s_gt = surface(pred), surface(gt)
     if not s_gt.any():
@@ -202,10 +202,14 @@ def _check_spacing(spacing: Spacing, ndim: int) -> tuple[float, ...]:
     return sp
 
 
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel, grown by ``margin`` (clipped to the
+    array); None for an empty mask. Used by the metrics and the post-processing."""
     box = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
+        if idx.size == 0:
+            return None
         box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)

@@ -133,6 +133,7 @@ def check_pair_order(flag: str, pair: Sequence[float] | None) -> None:
 
 FINAL_RANGES: dict[str, Range] = {
     "inplane": Range(low=16, high=16384),
+    "spacing": Range(low=0, low_open=True, high=100, high_open=True),
     "slices": Range(low=1, high=64),
     "blocksize": Range(low=16, high=16384, multiple=16),
     "fg_prob": Range(low=0, high=1),
@@ -270,7 +271,8 @@ def _check_resume(args: Any, config: Any, out: Path) -> None:
 
 RESAMPLE_RANGES = {"s1": Range(low=1, high=16384), "s2": Range(low=1, high=16384),
                    "size": Range(low=1, high=16384),
-                   "workers": Range(low=1, high=256)}
+                   "workers": Range(low=1, high=256),
+                   "spacing": Range(low=0, low_open=True, high=100, high_open=True)}
 
 
 def validate_resample_args(args: Any) -> None:
