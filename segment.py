@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="expected network width of the checkpoints")
     p.add_argument("--config", default=None,
                    help="YAML config whose organs the checkpoints must have (default: their own)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the flips the model was trained with")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch", type=int, default=16, help="slices per forward pass")
     p.add_argument("--tile", type=int, default=None,
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             if not same_physical_grid(read_geometry(gt), geometries[src]):
                 raise InputError(gt, f"ground truth grid differs from the input {src}")
 
+    if args.tta and all(m.tta_flips == ((),) for m in models):
+        print("note: --tta averages nothing: the model was trained without flips (Final.py --flip), and a "
+              "mirrored abdomen puts the liver where the spleen is", flush=True)
     results = []
     for src, dst in jobs:
         t0 = time.perf_counter()

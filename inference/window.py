@@ -17,11 +17,7 @@ from torch import nn
 from data.preprocess import PAD_WINDOWED
 from data.slab import slab_indices
 from engine.runtime import autocast
-from inference.model import DIVISOR, LoadedModel
-
-# TTA: every flip of the slice plane (dims of a (B, C, H, W) tensor).
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
-
+from inference.model import DIVISOR, TTA_FLIPS, LoadedModel
 
 # Pure helpers: window positions and blending weights
 
@@ -126,7 +122,8 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
         out: ``(C, n, H, W)`` float32 accumulator; probabilities are *added* (so several models can
             share it), each slice's probabilities summing to 1.
         batch: slices per forward pass.
-        tta: also average over flips of the slice plane.
+        tta: also average over the flips of the slice plane the model was trained with
+            (``loaded.tta_flips``; none for a model trained without ``--flip``).
         device: compute device (default: the model's).
         amp: bf16 autocast on CUDA.
         progress: a tqdm-like object updated once per batch, or None.
@@ -156,7 +153,7 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
     for h0 in plan.starts[0]:
         for w0 in plan.starts[1]:
             norm[h0:h0 + th, w0:w0 + tw] += weight
-    flips = TTA_FLIPS if tta else ((),)
+    flips = loaded.tta_flips if tta else ((),)
     for start in range(0, n, batch):
         centres = np.arange(start, min(start + batch, n))
         idx = slab_indices(centres, n, loaded.slices)

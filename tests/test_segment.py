@@ -242,7 +242,8 @@ def test_models_must_share_preprocessing():
 # a real (random-init) network: the output sits exactly on the input's grid
 
 
-def _ckpt(folder: Path, view: str = "axial", slices: int = 3, width: int = 2, inplane=(32, 32)) -> Path:
+def _ckpt(folder: Path, view: str = "axial", slices: int = 3, width: int = 2, inplane=(32, 32),
+          train_args: dict | None = None) -> Path:
     cfg = small_config(inplane)
     torch.manual_seed(0)
     args = {"in_channels": slices, "num_classes": cfg.num_classes, "width": width}
@@ -250,8 +251,28 @@ def _ckpt(folder: Path, view: str = "axial", slices: int = 3, width: int = 2, in
     path = folder / best_name(view)
     save_checkpoint({"model": model.state_dict(), "model_args": args, "organs": list(cfg.organs),
                      "view": view, "slices": slices, "block": 224, "config": config_to_dict(cfg),
-                     "epoch": 1, "best_score": 0.5}, path)
+                     "epoch": 1, "best_score": 0.5, "args": train_args or {}}, path)
     return path
+
+
+def test_tta_uses_only_the_flips_the_model_was_trained_with(tmp_path):
+    """A model trained without --flip never saw mirrored anatomy (the liver where the spleen is):
+    TTA must not average it in. Trained with --flip, all four flips of the slice plane are used."""
+    from inference.segment import TTA_FLIPS, predict_stack
+
+    no_flip = load_model(_ckpt(tmp_path / "a", train_args={"flip": False}), view="axial")
+    flipped = load_model(_ckpt(tmp_path / "b", train_args={"flip": True}), view="axial")
+    legacy = load_model(_ckpt(tmp_path / "c"), view="axial")  # no record: trained without flips
+    assert no_flip.tta_flips == ((),) and legacy.tta_flips == ((),)
+    assert flipped.tta_flips == TTA_FLIPS
+    stack = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32)).astype(np.float32)
+    plain, tta = (np.zeros((4, 4, 32, 32), np.float32) for _ in range(2))
+    predict_stack(no_flip, stack, plain, device=torch.device("cpu"))
+    predict_stack(no_flip, stack, tta, tta=True, device=torch.device("cpu"))
+    np.testing.assert_array_equal(plain, tta)
+    tta_flipped = np.zeros_like(plain)
+    predict_stack(flipped, stack, tta_flipped, tta=True, device=torch.device("cpu"))
+    assert not np.allclose(tta_flipped, plain, atol=1e-6)  # the same weights, four flips averaged
 
 
 def _direction(kind: str, rng: np.random.Generator) -> tuple[float, ...]:
