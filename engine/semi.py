@@ -44,9 +44,7 @@ threshold schedule and the teacher (engine/checkpoint.py stores both for ``--res
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +55,8 @@ from torch import Tensor, nn
 
 from data.config import DEFAULT_CLASS_WEIGHTS
 from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_augment
-from engine.runtime import autocast, unwrap
+from engine.runtime import autocast
+from engine.teacher import EMATeacher, ThresholdSchedule  # noqa: F401 -- re-exported
 from losses.partial import IGNORE_INDEX
 from models.mosnet import FP_MODES
 
@@ -68,139 +67,6 @@ PSEUDO_MODES = ("merged", "full")
 TEACHERS = ("self", "ema")
 
 
-# ----------------------------------------------------------------------------------------------
-# Confidence threshold
-
-
-class ThresholdSchedule:
-    """Piecewise-constant confidence threshold over training progress (a fraction in ``[0, 1]``).
-
-    The default is the original's: 0.7 until epoch 700 of 2500 (28 %), 0.8 until 1400 (56 %), then 0.9.
-
-    Args:
-        values: thresholds, one more than ``milestones``.
-        milestones: increasing progress fractions where the next value starts.
-
-    Raises:
-        ValueError: on lengths that do not match, values outside ``[0, 1]`` or unsorted milestones.
-    """
-
-    def __init__(self, values: Sequence[float] = (0.7, 0.8, 0.9),
-                 milestones: Sequence[float] = (0.28, 0.56)) -> None:
-        self.values, self.milestones = self._check(values, milestones)
-
-    @staticmethod
-    def _check(values: Sequence[float], milestones: Sequence[float]) -> tuple[list[float], list[float]]:
-        vals = [float(v) for v in values]
-        ms = [float(m) for m in milestones]
-        if len(vals) != len(ms) + 1:
-            raise ValueError(f"threshold schedule needs one more value than milestones, got {vals} / {ms}")
-        if any(not 0.0 <= v <= 1.0 for v in vals):
-            raise ValueError(f"thresholds must be in [0, 1], got {vals}")
-        if any(not 0.0 <= m <= 1.0 for m in ms) or ms != sorted(ms):
-            raise ValueError(f"threshold milestones must be increasing fractions in [0, 1], got {ms}")
-        return vals, ms
-
-    @classmethod
-    def fixed(cls, value: float) -> ThresholdSchedule:
-        """A constant threshold."""
-        return cls(values=(value,), milestones=())
-
-    @classmethod
-    def from_arg(cls, arg: str | float | None) -> ThresholdSchedule:
-        """From a command-line value: ``"schedule"`` (or None) for the default, else a number.
-
-        Raises:
-            ValueError: on anything else.
-        """
-        if arg is None or (isinstance(arg, str) and arg.strip().lower() == "schedule"):
-            return cls()
-        try:
-            value = float(arg)
-        except ValueError:
-            raise ValueError(f"--threshold must be 'schedule' or a number in [0, 1], got {arg!r}") from None
-        return cls.fixed(value)
-
-    def value(self, progress: float) -> float:
-        """Threshold at ``progress`` (completed fraction of training; a milestone starts its value)."""
-        return self.values[bisect.bisect_right(self.milestones, float(progress))]
-
-    __call__ = value
-
-    def state_dict(self) -> dict[str, list[float]]:
-        return {"values": list(self.values), "milestones": list(self.milestones)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; an empty dict leaves the schedule unchanged."""
-        if state:
-            self.values, self.milestones = self._check(state["values"], state["milestones"])
-
-    def __repr__(self) -> str:
-        return f"ThresholdSchedule(values={self.values}, milestones={self.milestones})"
-
-
-# ----------------------------------------------------------------------------------------------
-# Mean teacher
-
-
-class EMATeacher:
-    """Exponential moving average of a model: ``ema = m * ema + (1 - m) * param``; buffers are copied.
-
-    The copy is of the unwrapped network (DDP and ``torch.compile`` wrappers are removed), kept in eval
-    mode without gradients. Buffers (BatchNorm running statistics) are copied from the student at every
-    update, as the brief of this module asks: they are statistics of activations, not weights to average.
-
-    Args:
-        model: the student (possibly wrapped).
-        momentum: ``m`` in ``[0, 1)``.
-
-    Raises:
-        ValueError: momentum out of range.
-    """
-
-    def __init__(self, model: nn.Module, momentum: float = 0.99) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"EMA momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
-        self.module = copy.deepcopy(unwrap(model))
-        self.module.eval()
-        self.module.requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step towards ``model`` (call after the optimizer step).
-
-        Raises:
-            ValueError: when ``model`` does not have the teacher's parameters.
-        """
-        src = unwrap(model)
-        ema_p = list(self.module.parameters())
-        src_p = [p.detach() for p in src.parameters()]
-        if len(ema_p) != len(src_p) or any(a.shape != b.shape for a, b in zip(ema_p, src_p)):
-            raise ValueError("EMATeacher.update: the model's parameters do not match the teacher's")
-        # lerp(ema, p, 1 - m) = m * ema + (1 - m) * p; one fused kernel per group instead of one per tensor
-        torch._foreach_lerp_(ema_p, [p.to(a.dtype) for a, p in zip(ema_p, src_p)], 1.0 - self.momentum)
-        for a, b in zip(self.module.buffers(), src.buffers()):
-            a.copy_(b)
-        self.updates += 1
-
-    def __call__(self, x: Tensor, **kwargs: Any) -> Any:
-        """Forward of the averaged network (in eval mode)."""
-        return self.module(x, **kwargs)
-
-    def to(self, device: torch.device | str) -> EMATeacher:
-        self.module.to(device)
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "momentum": self.momentum, "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the averaged weights (momentum and update count too, when present)."""
-        self.module.load_state_dict(state["model"])
-        self.momentum = float(state.get("momentum", self.momentum))
-        self.updates = int(state.get("updates", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,45 +279,22 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     if xl.shape[1:] != xa.shape[1:] or xa.shape[1:] != xb.shape[1:]:
         raise ValueError(f"labeled {tuple(xl.shape)} and unlabeled {tuple(xa.shape)} / {tuple(xb.shape)} "
                          "batches must have the same (slices, H, W)")
-    nl, na, nb = xl.shape[0], xa.shape[0], xb.shape[0]
-    h, w = xa.shape[-2:]
+    nl, na = xl.shape[0], xa.shape[0]
     device = xa.device
-    use_teacher = teacher is not None
 
-    # 1. weak predictions without gradient
-    with torch.no_grad():
-        if use_teacher:
-            with autocast(device, amp_dtype):
-                logits_w = teacher(torch.cat([xa, xb]), perturb=False).logits.float()
-            logits_wa, logits_wb = logits_w.split([na, nb])
-        else:
-            was_training = model.training
-            model.eval()
-            try:
-                with autocast(device, amp_dtype):
-                    logits_wb = model(xb, perturb=False).logits.float()
-            finally:
-                model.train(was_training)
+    # 1. weak predictions without gradient (of a only with the EMA teacher)
+    logits_wa, logits_wb = _weak_logits(model, teacher, xa, xb, amp_dtype)
 
     # 2. student on labeled + weak a; only the weak views of a get a feature-perturbed copy
     with autocast(device, amp_dtype):
         out = model(torch.cat([xl, xa]), perturb=cfg.fp, perturb_from=nl)
-    if not use_teacher:
+    if logits_wa is None:
         logits_wa = out.logits[nl:].detach().float()
     pseudo_a, conf_a = _masked_pseudo_label(logits_wa, unl_a, cfg.pseudo)
     pseudo_b, conf_b = _masked_pseudo_label(logits_wb, unl_b, cfg.pseudo)
 
-    # 3. strong views and CutMix (apply_cutmix allocates: pseudo_a stays the L_fp target, defect 3)
-    strong = strong_augment(torch.cat([xa, xa, xb, xb]), generator, cfg.aug)
-    s1, s2, s1_src, s2_src = strong.split([na, na, nb, nb])
-    merged = cfg.pseudo == "merged"
-    views = []
-    for dst, src in ((s1, s1_src), (s2, s2_src)):
-        box = cutmix_box(na, h, w, generator, p=cfg.cutmix_p, area=cfg.cutmix_area, ratio=cfg.cutmix_ratio,
-                         device=device)
-        idx, ok = mix_partners(unl_a.labeled_mask, unl_b.labeled_mask, generator, same_labels=merged)
-        box = box & ok[:, None, None]
-        views.append(apply_cutmix(dst, src[idx], pseudo_a, pseudo_b[idx], conf_a, conf_b[idx], box))
+    # 3. strong views and CutMix
+    views = _strong_views(unl_a, unl_b, (pseudo_a, conf_a), (pseudo_b, conf_b), generator, cfg)
     (img_s1, pseudo_s1, conf_s1), (img_s2, pseudo_s2, conf_s2) = views
 
     # 4. student on both strong views; their (intensity-perturbed, CutMixed) batch statistics
@@ -461,19 +304,11 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
 
     # 5. losses
     loss_x = sup_loss(_labeled_part(out, nl), labeled.label, labeled.labeled_mask)["loss"]
-    mask_u = unl_a.labeled_mask.to(torch.bool) if merged else \
-        torch.ones((na, logits_wa.shape[1]), dtype=torch.bool, device=device)
-    class_weights = cfg.class_weights if cfg.class_weights is not None else \
-        getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
-
-    def unsup(logits: Tensor, pseudo: Tensor, conf: Tensor) -> Tensor:
-        return unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
-
     if out.fp_logits is None or out.fp_logits.shape[0] != na:
         raise ValueError("the model returned no fp_logits for the weak views (is it a MOSNet?)")
-    loss_fp = unsup(out.fp_logits, pseudo_a, conf_a)
-    loss_s1 = unsup(logits_s1, pseudo_s1, conf_s1)
-    loss_s2 = unsup(logits_s2, pseudo_s2, conf_s2)
+    loss_fp, loss_s1, loss_s2 = _unsup_losses(
+        [(out.fp_logits, pseudo_a, conf_a), (logits_s1, pseudo_s1, conf_s1), (logits_s2, pseudo_s2, conf_s2)],
+        unl_a, logits_wa.shape[1], sup_loss, threshold, cfg)
     unsup = cfg.w_fp * loss_fp + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2
     loss = (cfg.w_x * loss_x + float(unsup_scale) * unsup) / cfg.divisor
     real = (pseudo_a != IGNORE_INDEX).to(torch.float32)
@@ -487,6 +322,77 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
         "mask_ratio": (confidence_mask(conf_a, threshold) * real).sum() / n_real,
         "conf_mean": (conf_a * real).sum() / n_real,
     }
+
+
+@torch.no_grad()
+def _weak_logits(model: nn.Module, teacher: EMATeacher | None, xa: Tensor, xb: Tensor,
+                 amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor]:
+    """Float32 logits of the weak views of ``a`` and ``b``, without gradient.
+
+    With a teacher, both in one batched pass. Without (self-teacher), ``b`` only, by the student in
+    eval mode (its training mode restored afterwards); ``a``'s are then None: the caller takes them
+    from the student's labeled + weak pass.
+    """
+    device = xa.device
+    if teacher is not None:
+        with autocast(device, amp_dtype):
+            logits_w = teacher(torch.cat([xa, xb]), perturb=False).logits.float()
+        logits_wa, logits_wb = logits_w.split([xa.shape[0], xb.shape[0]])
+        return logits_wa, logits_wb
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, amp_dtype):
+            return None, model(xb, perturb=False).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def _strong_views(unl_a: UnlabeledBatch, unl_b: UnlabeledBatch, target_a: tuple[Tensor, Tensor],
+                  target_b: tuple[Tensor, Tensor], generator: torch.Generator,
+                  cfg: SemiConfig) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Two strong views of ``a``, each CutMixed (its own box and partners) with a strong view of ``b``.
+
+    Args:
+        unl_a, unl_b: the unlabeled batches (weak views).
+        target_a, target_b: ``(pseudo, conf)`` of the weak views of ``a`` and ``b``.
+        generator: draws the strong augmentation, then per view the box and the partners.
+        cfg: step settings (augmentation, CutMix, pseudo-label space).
+
+    Returns:
+        ``[(image, pseudo, conf)]`` of the two views. apply_cutmix allocates: ``target_a`` stays the
+        L_fp target (defect 3).
+    """
+    xa, xb = unl_a.image, unl_b.image
+    na, nb = xa.shape[0], xb.shape[0]
+    h, w = xa.shape[-2:]
+    (pseudo_a, conf_a), (pseudo_b, conf_b) = target_a, target_b
+    strong = strong_augment(torch.cat([xa, xa, xb, xb]), generator, cfg.aug)
+    s1, s2, s1_src, s2_src = strong.split([na, na, nb, nb])
+    views = []
+    for dst, src in ((s1, s1_src), (s2, s2_src)):
+        box = cutmix_box(na, h, w, generator, p=cfg.cutmix_p, area=cfg.cutmix_area, ratio=cfg.cutmix_ratio,
+                         device=xa.device)
+        idx, ok = mix_partners(unl_a.labeled_mask, unl_b.labeled_mask, generator,
+                               same_labels=cfg.pseudo == "merged")
+        box = box & ok[:, None, None]
+        views.append(apply_cutmix(dst, src[idx], pseudo_a, pseudo_b[idx], conf_a, conf_b[idx], box))
+    return views
+
+
+def _unsup_losses(terms: list[tuple[Tensor, Tensor, Tensor]], unl_a: UnlabeledBatch, num_classes: int,
+                  sup_loss: nn.Module, threshold: float, cfg: SemiConfig) -> list[Tensor]:
+    """:func:`unsup_loss` of each ``(logits, pseudo, conf)`` term, in the pseudo-label space of ``cfg``
+    (merged: the classes ``a``'s datasets label; full: all ``num_classes``) with the class weights of
+    ``cfg`` (None: the supervised loss's)."""
+    na = unl_a.image.shape[0]
+    device = unl_a.image.device
+    mask_u = unl_a.labeled_mask.to(torch.bool) if cfg.pseudo == "merged" else \
+        torch.ones((na, num_classes), dtype=torch.bool, device=device)
+    class_weights = cfg.class_weights if cfg.class_weights is not None else \
+        getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
+    return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
+            for logits, pseudo, conf in terms]
 
 
 def rampup(step: int, length: int) -> float:
