@@ -81,14 +81,59 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         InputError: invalid settings (size not divisible by 16, unknown amp, unavailable device).
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from data.sampling import LabeledBatch, UnlabeledBatch
-    from engine.runtime import autocast, resolve_device
-    from engine.semi import EMATeacher, SemiConfig, semi_step
-    from engine.steps import supervised_step
+    from engine.semi import EMATeacher, SemiConfig
     from losses.partial import DeepSupervisedLoss
     from models import DEFAULT_NORM, build_model
+
+    dev, width, size, batch, ub, amp = _settings(device, width, size, batch, unlabeled_batch, amp)
+    gpu = dev.type == "cuda"
+    if threads:
+        torch.set_num_threads(threads)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    torch.manual_seed(seed)
+    norm = norm or DEFAULT_NORM
+    model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
+                         "norm": norm}).to(dev)
+    model.train()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-5, momentum=0.9)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and gpu)
+    ema = EMATeacher(model) if teacher == "ema" else None
+    cfg = SemiConfig(pseudo=pseudo, teacher=teacher, fp=fp)
+    batches = _batches(dev, seed, batch, ub, slices, size, num_classes)
+    sup, semi, sup_double, forward_b = _step_fns(model, ema, cfg, DeepSupervisedLoss(), opt, scaler,
+                                                 batches, torch.Generator(device=dev).manual_seed(seed),
+                                                 amp_dtype, dev)
+    sup_flops, semi_flops = _flops(sup), _flops(semi)
+    sup_times, semi_times, double_times, fwd_times = _interleaved_times(
+        [sup, semi, sup_double, forward_b], dev, steps, warmup)
+    sup_t, semi_t = sup_times[len(sup_times) // 2], semi_times[len(semi_times) // 2]
+    sup_min, semi_min = sup_times[0], semi_times[0]
+    reference_t = 2 * double_times[len(double_times) // 2] + fwd_times[len(fwd_times) // 2]
+    name = torch.cuda.get_device_name(dev) if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "device": name, "width": width, "size": size, "batch": batch, "unlabeled_batch": ub,
+        "slices": slices, "norm": norm, "amp": amp, "teacher": teacher, "pseudo": pseudo, "fp": fp,
+        "sup_s_per_step": sup_t, "sup_s_per_step_min": sup_min,
+        "semi_s_per_step": semi_t, "semi_s_per_step_min": semi_min,
+        "time_ratio": semi_t / sup_t,
+        "sup_slices_per_s": batch / sup_t,
+        "semi_slices_per_s": (batch + 2 * ub) / semi_t,
+        "reference_s_per_step": reference_t, "overhead_ratio": semi_t / reference_t,
+        "sup_flops": sup_flops, "semi_flops": semi_flops, "flop_ratio": semi_flops / max(sup_flops, 1),
+    }
+
+
+def _settings(device: str, width: int | None, size: int | None, batch: int | None,
+              unlabeled_batch: int | None, amp: str | None) -> tuple[Any, int, int, int, int, str]:
+    """The device and the defaults of :func:`run` filled in: ``(device, width, size, batch,
+    unlabeled_batch, amp)``.
+
+    Raises:
+        InputError: unavailable device, unknown amp, size not divisible by 16.
+    """
+    from engine.runtime import resolve_device
 
     try:
         dev = resolve_device(device)
@@ -104,20 +149,15 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         raise InputError(None, f"--amp must be one of {AMP}, got {amp!r}")
     if size % 16:
         raise InputError(None, f"--size must be divisible by 16, got {size}")
-    if threads:
-        torch.set_num_threads(threads)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return dev, width, size, batch, ub, amp
 
-    torch.manual_seed(seed)
-    norm = norm or DEFAULT_NORM
-    model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
-                         "norm": norm}).to(dev)
-    model.train()
-    loss_fn = DeepSupervisedLoss()
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-5, momentum=0.9)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16" and gpu)
-    ema = EMATeacher(model) if teacher == "ema" else None
-    cfg = SemiConfig(pseudo=pseudo, teacher=teacher, fp=fp)
+
+def _batches(dev, seed: int, batch: int, ub: int, slices: int, size: int, num_classes: int) -> dict[str, Any]:
+    """Random inputs on the device: ``labeled``, ``unl_a``, ``unl_b`` and ``double`` (a labeled batch of
+    ``batch + ub`` samples: the student's batch of the semi step, for the reference timing)."""
+    import torch
+
+    from data.sampling import LabeledBatch, UnlabeledBatch
 
     g = torch.Generator().manual_seed(seed)
 
@@ -139,7 +179,31 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
     valid = torch.ones(ub, size, size, dtype=torch.bool, device=dev)
     unl_a = UnlabeledBatch(images(ub), masks(ub), ds_u, valid)
     unl_b = UnlabeledBatch(images(ub), masks(ub), ds_u, valid)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    double = LabeledBatch(images(batch + ub), torch.cat([label, label[:1].expand(ub, -1, -1)]),
+                          torch.cat([lab_mask, lab_mask[:1].expand(ub, -1)]), torch.cat([ds_l, ds_u]))
+    return {"labeled": labeled, "unl_a": unl_a, "unl_b": unl_b, "double": double}
+
+
+def _step_fns(model, ema, cfg, loss_fn, opt, scaler, batches: dict[str, Any], gen, amp_dtype,
+              dev) -> list:
+    """The timed steps: supervised, semi-supervised, and the semi step's network work alone.
+
+    The reference = two supervised steps at the student's batch (labeled + unlabeled) and one no-grad
+    forward of an unlabeled batch. On a CPU the cost per sample grows with the batch (caches), so
+    time_ratio there exceeds the FLOP ratio; overhead_ratio isolates what the step adds: the
+    feature-perturbed branch (heads, upsampling and fusion run twice: few FLOPs but memory-bound),
+    augmentation, CutMix, pseudo-labels and the unsupervised losses.
+
+    Returns:
+        ``[sup, semi, sup_double, forward_b]``, functions of no argument.
+    """
+    import torch
+
+    from engine.runtime import autocast
+    from engine.semi import semi_step
+    from engine.steps import supervised_step
+
+    labeled, unl_a, unl_b, double = (batches[k] for k in ("labeled", "unl_a", "unl_b", "double"))
 
     def backward_step(loss) -> None:
         opt.zero_grad(set_to_none=True)
@@ -156,21 +220,6 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         if ema is not None:
             ema.update(model)
 
-    def flops(fn) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        return int(counter.get_total_flops())
-
-    sup_flops, semi_flops = flops(sup), flops(semi)
-    # Reference: the semi step's network work alone = two supervised steps at the student's batch
-    # (labeled + unlabeled) and one no-grad forward of an unlabeled batch. On a CPU the cost per sample
-    # grows with the batch (caches), so time_ratio there exceeds the FLOP ratio; overhead_ratio isolates
-    # what the step adds: the feature-perturbed branch (heads, upsampling and fusion run twice: few FLOPs
-    # but memory-bound), augmentation, CutMix, pseudo-labels and the unsupervised losses.
-    double = LabeledBatch(images(batch + ub), torch.cat([label, label[:1].expand(ub, -1, -1)]),
-                          torch.cat([lab_mask, lab_mask[:1].expand(ub, -1)]), torch.cat([ds_l, ds_u]))
-
     def sup_double() -> None:
         backward_step(supervised_step(model, double, loss_fn, amp_dtype)["loss"])
 
@@ -178,23 +227,17 @@ def run(device: str = "auto", width: int | None = None, size: int | None = None,
         with torch.no_grad(), autocast(dev, amp_dtype):
             model(unl_b.image)
 
-    sup_times, semi_times, double_times, fwd_times = _interleaved_times(
-        [sup, semi, sup_double, forward_b], dev, steps, warmup)
-    sup_t, semi_t = sup_times[len(sup_times) // 2], semi_times[len(semi_times) // 2]
-    sup_min, semi_min = sup_times[0], semi_times[0]
-    reference_t = 2 * double_times[len(double_times) // 2] + fwd_times[len(fwd_times) // 2]
-    name = torch.cuda.get_device_name(dev) if gpu else f"cpu ({torch.get_num_threads()} threads)"
-    return {
-        "device": name, "width": width, "size": size, "batch": batch, "unlabeled_batch": ub,
-        "slices": slices, "norm": norm, "amp": amp, "teacher": teacher, "pseudo": pseudo, "fp": fp,
-        "sup_s_per_step": sup_t, "sup_s_per_step_min": sup_min,
-        "semi_s_per_step": semi_t, "semi_s_per_step_min": semi_min,
-        "time_ratio": semi_t / sup_t,
-        "sup_slices_per_s": batch / sup_t,
-        "semi_slices_per_s": (batch + 2 * ub) / semi_t,
-        "reference_s_per_step": reference_t, "overhead_ratio": semi_t / reference_t,
-        "sup_flops": sup_flops, "semi_flops": semi_flops, "flop_ratio": semi_flops / max(sup_flops, 1),
-    }
+    return [sup, semi, sup_double, forward_b]
+
+
+def _flops(fn) -> int:
+    """Training FLOPs of one call of ``fn`` (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> int:
