@@ -19,6 +19,16 @@ def _bool_or_none(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
+    _data_args(p)
+    _model_args(p)
+    _optimisation_args(p)
+    _semi_args(p)
+    _run_args(p)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """The data flags."""
     g = p.add_argument_group("data")
     g.add_argument("--config", default=None, help="dataset/organ YAML (default configs/default.yaml)")
     g.add_argument("--data", default="./data", help="root holding one folder per dataset")
@@ -49,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mix datasets within each batch, or give each step one dataset in turn")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
 
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags."""
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="base channel width (paper: 64)")
     g.add_argument("--blocks", default=None,
@@ -61,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "that must fit the scans of every dataset at once; the semi-supervised module "
                         "needs it, see README) or batch (PIPO-FAN's)")
 
+
+def _optimisation_args(p: argparse.ArgumentParser) -> None:
+    """The optimisation flags."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=2500, help="training epochs")
     g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch")
@@ -80,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CE weights of background and organs (default: the config's, 0.2 1.2)")
     g.add_argument("--dice-weight", type=float, default=0.0, help="weight of soft Dice beside CE")
 
+
+def _semi_args(p: argparse.ArgumentParser) -> None:
+    """The semi-supervised flags."""
     g = p.add_argument_group("semi-supervised")
     g.add_argument("--semi", dest="semi", action="store_true", default=None,
                    help="use unlabeled volumes (default: on when any are found)")
@@ -113,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature perturbation: dropout on every encoder level decoded by the whole decoder "
                         "(UniMatch), or on the scale features before the heads (the original)")
 
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """The run flags: output, device, precision, resuming, validation, logging."""
     g = p.add_argument_group("run")
     g.add_argument("--out", default="./runs/unimos", help="checkpoint and log folder")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -132,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while caching (default: on in a terminal, off in logs and CI)")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
