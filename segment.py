@@ -76,46 +76,34 @@ def _views(args) -> list[str | None]:
     return views  # type: ignore[return-value]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from utils.validate import validate_segment_args
+def _check_flags(args) -> None:
+    """Reject --batch < 1, a negative --tile and --evaluating without --label_filename.
 
-    validate_segment_args(args)
-    import time
-    from pathlib import Path
-
-    from data.config import load_config
-    from data.volume import match_grid, read_geometry, read_volume, same_physical_grid, write_volume
-    from inference.evaluation import (
-        case_key,
-        class_spec,
-        format_case,
-        format_summary,
-        list_volume_files,
-        read_label_volume,
-        score_volumes,
-        summarize,
-    )
-    from inference.segment import load_model, plan_outputs, resolve_device, segment_volume
+    Raises:
+        InputError: naming the flag.
+    """
     from utils.errors import InputError
 
-    views = _views(args)
     if args.batch < 1:
         raise InputError(None, f"--batch must be >= 1, got {args.batch}")
     if args.tile is not None and args.tile < 0:
         raise InputError(None, f"--tile must be >= 0, got {args.tile}")
     if args.evaluating and not args.label_filename:
         raise InputError(None, "--evaluating needs --label_filename")
-    config = load_config(args.config) if args.config else None
-    device = resolve_device(args.device)
 
-    # Check everything before segmenting anything.
-    jobs = plan_outputs(args.input, args.output)
-    # One input is read whole now (it is needed anyway, and a corrupt body fails before any work);
-    # a folder is checked by headers, each volume read when its turn comes.
-    preloaded = {jobs[0][0]: read_volume(jobs[0][0])} if len(jobs) == 1 else {}
-    geometries = {src: preloaded[src].geometry if src in preloaded else read_geometry(src)
-                  for src, _ in jobs}
+
+def _load_models(args, views: list[str | None], config, device) -> list:
+    """The network of each view, checked against the flags, the config and each other (same organs).
+
+    Raises:
+        InputError: a single checkpoint file for several views, a checkpoint that does not fit, or
+            models whose organs differ.
+    """
+    from pathlib import Path
+
+    from inference.segment import load_model
+    from utils.errors import InputError
+
     ckpt = Path(args.network_path)
     if ckpt.is_file() and len(views) > 1:
         raise InputError(ckpt, "is a single checkpoint; --views needs a folder with resu_best_{view}.pth.tar")
@@ -126,31 +114,83 @@ def main(argv: list[str] | None = None) -> int:
     for m in models[1:]:
         if m.organs != organs:
             raise InputError(m.path, f"organs {list(m.organs)} differ from {models[0].path}'s {list(organs)}")
-    eval_config = config or models[0].config
+    return models
+
+
+def _ground_truths(args, jobs: list, geometries: dict, eval_config) -> tuple:
+    """``(spec, {input: ground truth file})`` for --evaluating: one file for one input, or a folder
+    paired by case key; every ground truth on its input's grid (possibly in another index order).
+
+    Raises:
+        InputError: a missing ground truth, one file for a folder of inputs, a case without ground
+            truth, or a ground truth on another grid.
+    """
+    from pathlib import Path
+
+    from data.volume import read_geometry, same_physical_grid
+    from inference.evaluation import case_key, class_spec, list_volume_files
+    from utils.errors import InputError
 
     gts: dict[Path, Path] = {}
-    spec = None
-    if args.evaluating:
-        spec = class_spec(eval_config, gt_dataset=args.gt_dataset)
-        gt_root = Path(args.label_filename)
-        if not gt_root.exists():
-            raise InputError(gt_root, "ground truth does not exist")
-        if gt_root.is_file():
-            if len(jobs) > 1:
-                raise InputError(gt_root, "is one file but the input is a folder of volumes")
-            gts[jobs[0][0]] = gt_root
-        else:
-            img_tok = spec.gt_dataset.image_token if spec.gt_dataset else None
-            lab_tok = spec.gt_dataset.label_token if spec.gt_dataset else None
-            by_key = {case_key(p, lab_tok): p for p in list_volume_files(gt_root)}
-            for src, _ in jobs:
-                key = case_key(src, img_tok)
-                if key not in by_key:
-                    raise InputError(src, f"no ground truth for case '{key}' in {gt_root}")
-                gts[src] = by_key[key]
-        for src, gt in gts.items():  # the same voxels, possibly in another index order
-            if not same_physical_grid(read_geometry(gt), geometries[src]):
-                raise InputError(gt, f"ground truth grid differs from the input {src}")
+    spec = class_spec(eval_config, gt_dataset=args.gt_dataset)
+    gt_root = Path(args.label_filename)
+    if not gt_root.exists():
+        raise InputError(gt_root, "ground truth does not exist")
+    if gt_root.is_file():
+        if len(jobs) > 1:
+            raise InputError(gt_root, "is one file but the input is a folder of volumes")
+        gts[jobs[0][0]] = gt_root
+    else:
+        img_tok = spec.gt_dataset.image_token if spec.gt_dataset else None
+        lab_tok = spec.gt_dataset.label_token if spec.gt_dataset else None
+        by_key = {case_key(p, lab_tok): p for p in list_volume_files(gt_root)}
+        for src, _ in jobs:
+            key = case_key(src, img_tok)
+            if key not in by_key:
+                raise InputError(src, f"no ground truth for case '{key}' in {gt_root}")
+            gts[src] = by_key[key]
+    for src, gt in gts.items():  # the same voxels, possibly in another index order
+        if not same_physical_grid(read_geometry(gt), geometries[src]):
+            raise InputError(gt, f"ground truth grid differs from the input {src}")
+    return spec, gts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from utils.validate import validate_segment_args
+
+    validate_segment_args(args)
+    import time
+    from pathlib import Path
+
+    from data.config import load_config
+    from data.volume import match_grid, read_geometry, read_volume, write_volume
+    from inference.evaluation import (
+        case_key,
+        format_case,
+        format_summary,
+        read_label_volume,
+        score_volumes,
+        summarize,
+    )
+    from inference.segment import plan_outputs, resolve_device, segment_volume
+
+    views = _views(args)
+    _check_flags(args)
+    config = load_config(args.config) if args.config else None
+    device = resolve_device(args.device)
+
+    # Check everything before segmenting anything.
+    jobs = plan_outputs(args.input, args.output)
+    # One input is read whole now (it is needed anyway, and a corrupt body fails before any work);
+    # a folder is checked by headers, each volume read when its turn comes.
+    preloaded = {jobs[0][0]: read_volume(jobs[0][0])} if len(jobs) == 1 else {}
+    geometries = {src: preloaded[src].geometry if src in preloaded else read_geometry(src)
+                  for src, _ in jobs}
+    models = _load_models(args, views, config, device)
+    organs = models[0].organs
+    eval_config = config or models[0].config
+    spec, gts = _ground_truths(args, jobs, geometries, eval_config) if args.evaluating else (None, {})
 
     if args.tta and all(m.tta_flips == ((),) for m in models):
         print("note: --tta averages nothing: the model was trained without flips (Final.py --flip), and a "
