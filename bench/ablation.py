@@ -39,278 +39,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.ablation_data import (  # noqa: E402, F401 -- re-exported: bench.ablation.<name>
+    HELD_OUT,
+    PARTIAL,
+    RESAMPLE_STAMP,
+    SYNTH_STAMP,
+    held_out_cases,
+    make_training_root,
+    prepare_phantoms,
+    resample_partial,
+)
+from bench.ablation_eval import evaluate  # noqa: E402
+from bench.ablation_options import (  # noqa: E402, F401 -- re-exported
+    QUICK,
+    SEMI_VARIANTS,
+    VARIANTS,
+    VIEW,
+    Options,
+    _extra_pairs,
+    check_options,
+    setting_name,
+)
 from bench.ablation_report import format_table, merge_reports, write_report  # noqa: E402
 from utils.errors import InputError, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PARTIAL = ("LiTS", "KiTS", "MSDSpleen")
-HELD_OUT = "BTCV"
-VIEW = "axial"
-
-# Final.py arguments of each variant. "tal+semi" is Final.py's default semi-supervised module: no flag
-# that only the ablation passes (warm-up, ramp-up, teacher and pseudo-labels are the defaults).
-VARIANTS: dict[str, list[str]] = {
-    "naive": ["--loss", "naive", "--no-semi"],
-    "tal": ["--loss", "tal", "--no-semi"],
-    "tal+semi": ["--loss", "tal", "--semi"],
-}
-SEMI_VARIANTS: dict[str, list[str]] = {
-    "tal+semi/head": ["--loss", "tal", "--semi", "--fp", "head"],
-    "tal+semi/full": ["--loss", "tal", "--semi", "--pseudo", "full"],
-    "tal+semi/self": ["--loss", "tal", "--semi", "--teacher", "self"],
-    "tal+semi/full+self": ["--loss", "tal", "--semi", "--pseudo", "full", "--teacher", "self"],
-}
-SYNTH_STAMP = ".ablation_synth.json"
-RESAMPLE_STAMP = ".ablation_resampled.json"
 RUN_STAMP = "ablation_command.json"
-
-
-@dataclass
-class Options:
-    """Everything that decides the ablation's result (stored in ``ablation.json``).
-
-    Attributes:
-        out: output folder.
-        labeled: labeled volumes per partial dataset, one setting each.
-        unlabeled / val: unlabeled and validation volumes per partial dataset.
-        held_out: BTCV volumes scored.
-        scale: phantom in-plane size factor (0.5: 256x256 originals).
-        steps / epochs: labeled steps of every run, split into this many epochs (validation each).
-        inplane / width / blocksize / batch / unlabeled_batch / workers: the Final.py preset.
-        variants: what to train for every labeled count (any variant name, semi ones included).
-        extra: ``"n:variant"`` runs added (every seed); semi_variants adds the other semi variants at
-            the smallest labeled count.
-        single_seed: variants run with the first training seed only.
-        seed, device, threads: seed of the phantoms (and of training); device; threads per process.
-        train_seeds: training seeds, each run repeated once per seed (default: ``seed`` only); the
-            table then gives the mean and standard deviation over seeds.
-        final_args: extra Final.py arguments for every run.
-        reuse: skip a run whose folder holds a finished run of the identical command.
-        checkpoint: ``best`` (chosen on the partial datasets' validation volumes, what segment.py
-            uses) or ``last`` (the end of the fixed step budget) is scored.
-        quick: the ``--quick`` preset was applied (recorded only).
-    """
-
-    out: str
-    labeled: list[int] = field(default_factory=lambda: [1, 2, 4])
-    unlabeled: int = 10
-    val: int = 2
-    held_out: int = 4
-    scale: float = 0.5
-    steps: int = 360
-    epochs: int = 12
-    inplane: int = 96
-    width: int = 16
-    blocksize: int = 96
-    batch: int = 8
-    unlabeled_batch: int = 4
-    workers: int = 1
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    extra: list[str] = field(default_factory=lambda: ["2:tal+semi/head"])
-    single_seed: list[str] = field(default_factory=lambda: ["naive"])
-    semi_variants: bool = False
-    seed: int = 0
-    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    device: str = "auto"
-    threads: int = 2
-    final_args: str = ""
-    reuse: bool = False
-    checkpoint: str = "best"
-    quick: bool = False
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(self.train_seeds) or [self.seed]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.steps / self.epochs))
-
-
-QUICK = {"labeled": [1, 2], "unlabeled": 1, "val": 1, "held_out": 1, "scale": 0.125,
-         "steps": 6, "epochs": 3, "inplane": 32, "width": 4, "blocksize": 32, "batch": 2,
-         "unlabeled_batch": 2, "workers": 0, "train_seeds": [0], "extra": []}
-
-
-def setting_name(n: int) -> str:
-    """Name of the setting with ``n`` labeled volumes per dataset (run folders, tables)."""
-    return f"{n}lab"
-
-
-def _extra_pairs(o: Options) -> list[tuple[int, str]]:
-    pairs = []
-    for item in o.extra:
-        n, _, variant = item.partition(":")
-        try:
-            pairs.append((int(n), variant))
-        except ValueError:
-            raise InputError(None, f"--extra takes n:variant items, got {item!r}") from None
-    return pairs
-
-
-def check_options(o: Options) -> None:
-    """Raise InputError on settings that cannot work (before anything is written)."""
-    if not o.labeled or min(o.labeled) < 1 or len(set(o.labeled)) != len(o.labeled):
-        raise InputError(None, f"--labeled needs distinct counts >= 1, got {o.labeled}")
-    for flag, v in (("--unlabeled", o.unlabeled), ("--val", o.val), ("--held-out", o.held_out),
-                    ("--steps", o.steps), ("--epochs", o.epochs), ("--batch", o.batch),
-                    ("--unlabeled-batch", o.unlabeled_batch)):
-        if v < (0 if flag in ("--unlabeled", "--val") else 1):
-            raise InputError(None, f"{flag} must be positive, got {v}")
-    if o.inplane % 16 or o.blocksize % 16 or o.blocksize > o.inplane:
-        raise InputError(None, f"--inplane {o.inplane} and --blocksize {o.blocksize} must be multiples "
-                         "of 16 with blocksize <= inplane")
-    known = {**VARIANTS, **SEMI_VARIANTS}
-    extra = _extra_pairs(o)
-    bad = [v for v in o.variants if v not in known] + [v for _, v in extra if v not in known]
-    bad += [f"{n}:{v}" for n, v in extra if n not in o.labeled]
-    if bad or not o.variants:
-        raise InputError(None, f"unknown or empty variants {bad} (variants {tuple(known)}; --extra counts "
-                         f"must be among --labeled {o.labeled})")
-    if len(set(o.seeds)) != len(o.seeds):
-        raise InputError(None, f"--train-seeds has duplicates: {o.seeds}")
-    if o.checkpoint not in ("best", "last"):
-        raise InputError(None, f"--checkpoint must be best or last, got {o.checkpoint!r}")
-    semi = any("--semi" in known[v] for v in [*o.variants, *(v for _, v in extra)]) or o.semi_variants
-    if semi and o.unlabeled < 1:
-        raise InputError(None, "semi-supervised variants need --unlabeled >= 1")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def _synth_settings(o: Options) -> dict[str, Any]:
-    return {"seed": o.seed, "scale": o.scale, "cases": max(o.labeled), "unlabeled": o.unlabeled,
-            "val": o.val, "held_out": o.held_out}
-
-
-def _read_stamp(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_phantoms(o: Options, log=print) -> Path:
-    """Synthesize the phantoms into ``out/phantoms`` unless the same ones are already there."""
-    from data.phantom import synthesize
-
-    raw = Path(o.out) / "phantoms"
-    want = _synth_settings(o)
-    stamp = raw / SYNTH_STAMP
-    if _read_stamp(stamp) == want:
-        log(f"phantoms: reusing {raw}")
-        return raw
-    stamp.unlink(missing_ok=True)
-    t0 = time.time()
-    synthesize(raw, cases=max(o.labeled), unlabeled=o.unlabeled, val=o.val, seed=o.seed, datasets=PARTIAL,
-               scale=o.scale, log=lambda line: log("  " + line))
-    synthesize(raw, cases=0, unlabeled=0, val=o.held_out, seed=o.seed, datasets=[HELD_OUT], scale=o.scale,
-               log=lambda line: log("  " + line))
-    from utils.fileio import write_json_atomic
-
-    write_json_atomic(stamp, want)
-    log(f"phantoms: {time.time() - t0:.0f} s")
-    return raw
-
-
-def resample_partial(o: Options, raw: Path, log=print) -> Path:
-    """Resample the partial datasets in-plane to ``--inplane`` into ``out/resampled``.
-
-    Reused when it was made from the same phantoms at the same size; otherwise rebuilt from scratch
-    (resampled files of phantoms that no longer exist must not stay behind as training cases).
-
-    Raises:
-        InputError: ``out/resampled`` exists, is not empty and was not written by this script.
-    """
-    from data.resample_tree import resample_tree
-    from utils.fileio import write_json_atomic
-
-    res = Path(o.out) / "resampled"
-    want = {"phantoms": _synth_settings(o), "inplane": o.inplane}
-    stamp = res / RESAMPLE_STAMP
-    if _read_stamp(stamp) == want:
-        log(f"resampled data: reusing {res}")
-        return res
-    if res.exists():
-        if not stamp.is_file() and any(res.iterdir()):
-            raise InputError(res, f"exists, is not empty and holds no {RESAMPLE_STAMP}; choose another --out")
-        shutil.rmtree(res)
-    t0 = time.time()
-    for ds in PARTIAL:
-        resample_tree(raw / ds, res / ds, (o.inplane, o.inplane), log=lambda _line: None)
-    write_json_atomic(stamp, want)
-    log(f"resampled to {o.inplane}x{o.inplane}: {res} ({time.time() - t0:.0f} s)")
-    return res
-
-
-def make_training_root(res: Path, root: Path, labeled: int) -> dict[str, dict[str, int]]:
-    """A seed-layout data root of symlinks into ``res`` keeping the first ``labeled`` labeled cases.
-
-    Args:
-        res: resampled data root (one folder per partial dataset).
-        root: folder to (re)create; only ever holds symlinks written here.
-        labeled: labeled cases kept per dataset (in natural case order).
-
-    Returns:
-        dataset -> counts per split.
-
-    Raises:
-        InputError: a dataset has fewer labeled cases than asked for; ``root`` holds anything but
-            folders and symlinks (it is not a root this function made).
-    """
-    from data.config import load_config
-    from data.layout import discover
-
-    config = load_config()
-    if root.exists():
-        foreign = [p for p in root.rglob("*") if not p.is_symlink() and not p.is_dir()]
-        if foreign or not root.is_dir():
-            raise InputError(foreign[0] if foreign else root, "is not a symlink this script made; "
-                             "choose another --out")
-        shutil.rmtree(root)  # only symlinks: removing them leaves their targets alone
-    counts: dict[str, dict[str, int]] = {}
-    for ds in PARTIAL:
-        cases = discover(config, res, [ds])
-        lab = [c for c in cases if c.split == "labeled"]
-        if len(lab) < labeled:
-            raise InputError(res / ds, f"has {len(lab)} labeled cases, {labeled} asked for")
-        keep = lab[:labeled] + [c for c in cases if c.split != "labeled"]
-        folder = root / ds
-        for sub in ("labeled", "validation", "unlabeled", "label"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        for c in keep:
-            (folder / c.split / c.image.name).symlink_to(c.image.resolve())
-            if c.label is not None:
-                (folder / "label" / c.label.name).symlink_to(c.label.resolve())
-        counts[ds] = {s: sum(c.split == s for c in keep) for s in ("labeled", "validation", "unlabeled")}
-    return counts
-
-
-def held_out_cases(raw: Path) -> list[Any]:
-    """The BTCV validation cases (original grids) scored by the ablation."""
-    from data.config import load_config
-    from data.layout import discover
-
-    cases = [c for c in discover(load_config(), raw, [HELD_OUT]) if c.split == "validation"]
-    if not cases:
-        raise InputError(raw / HELD_OUT, "no held-out validation volumes")
-    return cases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,65 +192,6 @@ def train(cmd: list[str], out: Path, threads: int, reuse: bool, log=print) -> di
         summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
     return {"returncode": rc, "wall_s": round(time.time() - t0, 1), "reused": False, "summary": summary,
             "tail": "\n".join(tail) if rc else ""}
-
-
-def evaluate(run_dir: Path, cases: list[Any], device: str, batch: int = 16,
-             checkpoints: tuple[str, ...] = ("best",)) -> dict[str, dict[str, Any]]:
-    """Dice per organ of the run's checkpoints on the held-out cases (original grids).
-
-    Every held-out volume is read once and segmented by each checkpoint in turn.
-
-    Args:
-        run_dir: Final.py ``--out`` folder (``resu_{checkpoint}_axial.pth.tar``).
-        cases: held-out :class:`data.layout.Case` list (image + label of a fully labeled dataset).
-        device: inference device.
-        batch: slices per forward pass.
-        checkpoints: any of ``best`` and ``last``.
-
-    Returns:
-        Per checkpoint name: ``{"dice": {organ: mean}, "mean": mean over organs,
-        "per_case": {case_id: {organ: dice}}, "checkpoint_step", "seconds" (segmentation time)}``.
-
-    Raises:
-        InputError: missing/unfit checkpoint, unreadable volumes, grid mismatch.
-    """
-    import numpy as np
-
-    from data.config import load_config
-    from data.volume import read_volume
-    from engine.checkpoint import best_name, last_name, load_checkpoint
-    from inference.segment import load_model, resolve_device, segment_volume
-    from utils.metrics import dice
-
-    dev = resolve_device(device)
-    models, steps = {}, {}
-    for name in checkpoints:
-        path = run_dir / (best_name(VIEW) if name == "best" else last_name(VIEW))
-        models[name] = load_model(path, view=VIEW, device=dev)
-        steps[name] = load_checkpoint(path).get("step")  # a best checkpoint from the warm-up is worth knowing
-    config = load_config()  # the BTCV label values come from the config of this repository
-    spec = config.dataset(HELD_OUT)
-    per_case: dict[str, dict[str, dict[str, float]]] = {name: {} for name in checkpoints}
-    seconds = dict.fromkeys(checkpoints, 0.0)
-    for case in cases:
-        image, gt = read_volume(case.image), read_volume(case.label)
-        if not image.geometry.same_grid(gt.geometry):
-            raise InputError(case.label, f"grid differs from its image {case.image}")
-        gt_classes = config.map_labels(spec, gt.array, case.label)
-        for name, model in models.items():
-            t = time.time()
-            pred = segment_volume(model, image, batch=batch, device=dev).array
-            per_case[name][case.case_id] = {
-                o: dice(pred == model.config.organ_index(o), gt_classes == config.organ_index(o))
-                for o in model.organs}
-            seconds[name] += time.time() - t
-    results = {}
-    for name, model in models.items():
-        means = {o: float(np.mean([d[o] for d in per_case[name].values()])) for o in model.organs}
-        results[name] = {"dice": means, "mean": float(np.mean(list(means.values()))),
-                         "per_case": per_case[name], "checkpoint_step": steps[name],
-                         "seconds": round(seconds[name], 1)}
-    return results
 
 
 # ----------------------------------------------------------------------------------------------
