@@ -27,7 +27,7 @@ import pytest
 from data.volume import Geometry, Volume, read_volume, write_volume
 from tests.conftest import REPO, TINY, run_script, script_env
 from tests.helpers import phantom_pair, write_dicom_series, write_seed_dataset
-from tests.test_bad_input import BREAKERS, _seed_data, _snapshot, _valid_bytes
+from tests.test_bad_input import BREAKERS, _evaluate_pair, _seed_data, _snapshot, _valid_bytes
 from utils.errors import InputError
 from utils.fileio import clean_stale_parts, stamp_path, write_json_atomic
 
@@ -187,11 +187,7 @@ def test_full_disk_on_tmpfs_resample(tmp_path):
 
 
 def test_full_disk_report_keeps_the_previous_report(tmp_path):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
-    _valid_bytes(pred / "case_000.nii.gz", label=True)
-    _valid_bytes(gt / "case_000.nii.gz", label=True)
+    pred, gt = _evaluate_pair(tmp_path)
     report = tmp_path / "out" / "r.csv"
     argv = ["evaluate.py", "--pred", pred, "--gt", gt, "--out", report]
     assert run_script(*argv).returncode == 0
@@ -202,11 +198,7 @@ def test_full_disk_report_keeps_the_previous_report(tmp_path):
 
 @pytest.mark.slow
 def test_full_disk_png_keeps_the_previous_overlay(tmp_path):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
-    _valid_bytes(pred / "case_000.nii.gz", label=True)
-    _valid_bytes(gt / "case_000.nii.gz", label=True)
+    pred, gt = _evaluate_pair(tmp_path)
     img = tmp_path / "img"
     img.mkdir()
     _valid_bytes(img / "case_000.nii.gz")
