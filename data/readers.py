@@ -94,9 +94,14 @@ def _dicom_positions(folder: Path, files: list[str]) -> None:
                          f"where the series spacing is {step:.3g} mm")
 
 
+def _is_nifti_file(path: Path) -> bool:
+    """A regular file named ``.nii`` / ``.nii.gz`` (case-insensitive): the files the NIfTI checks read."""
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
 def _load_nifti2(path: Path):
     """The nibabel image of a NIfTI-2 file (header only, data lazy), or None for anything else."""
-    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+    if not _is_nifti_file(path):
         return None
     import nibabel as nib
 
@@ -201,7 +206,7 @@ def check_finite_nifti(path: str | Path) -> None:
         InputError: naming the file, when it holds NaN/Inf voxels.
     """
     path = Path(path)
-    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+    if not _is_nifti_file(path):
         return
     nib = _quiet_nibabel()
     try:
@@ -257,7 +262,7 @@ def check_nifti_header(path: str | Path) -> None:
         InputError: naming the file.
     """
     path = Path(path)
-    if not path.is_file() or not path.name.lower().endswith(NIFTI_SUFFIXES):
+    if not _is_nifti_file(path):
         return
     nib = _quiet_nibabel()
     try:
