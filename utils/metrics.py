@@ -119,24 +119,32 @@ def surface_distances(pred_mask: np.ndarray, gt_mask: np.ndarray,
     return np.asarray(pred_to_gt, dtype=np.float64), np.asarray(to_pred[s_gt], dtype=np.float64)
 
 
+def _empty_distance(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> float | None:
+    """The surface distance when a mask is empty (one convention for HD95 and ASSD): 0 when both
+    are, ``inf`` when exactly one is, None when neither is."""
+    if pred_to_gt.size == 0 and gt_to_pred.size == 0:
+        return 0.0
+    if pred_to_gt.size == 0 or gt_to_pred.size == 0:
+        return float("inf")
+    return None
+
+
 def hd95_from_distances(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> float:
     """Symmetric 95th-percentile Hausdorff distance: the larger of the two directed 95th percentiles.
 
     Both arrays empty (both masks empty) gives 0; exactly one mask empty gives ``inf``.
     """
-    if pred_to_gt.size == 0 and gt_to_pred.size == 0:
-        return 0.0
-    if pred_to_gt.size == 0 or gt_to_pred.size == 0:
-        return float("inf")
+    empty = _empty_distance(pred_to_gt, gt_to_pred)
+    if empty is not None:
+        return empty
     return float(max(np.percentile(pred_to_gt, 95), np.percentile(gt_to_pred, 95)))
 
 
 def assd_from_distances(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> float:
     """Average symmetric surface distance: mean over all surface voxels of both masks."""
-    if pred_to_gt.size == 0 and gt_to_pred.size == 0:
-        return 0.0
-    if pred_to_gt.size == 0 or gt_to_pred.size == 0:
-        return float("inf")
+    empty = _empty_distance(pred_to_gt, gt_to_pred)
+    if empty is not None:
+        return empty
     return float((pred_to_gt.sum() + gt_to_pred.sum()) / (pred_to_gt.size + gt_to_pred.size))
 
 
