@@ -1,4 +1,5 @@
-"""Functions of the global optimizer step: the learning-rate factor and the per-step seeds.
+"""Functions of the global optimizer step: the learning-rate factor, the per-step seeds and the
+ramp-up of the unsupervised losses.
 
 Everything random in training is a function of the step (torch is reseeded from ``rng_seed(seed,
 step, rank)`` before each step) or of the global sample index (data/loaders.py), never of how many
@@ -41,3 +42,17 @@ def rng_seed(seed: int, step: int, rank: int) -> int:
     """A per-step seed: deterministic, distinct per rank, far from neighbouring steps' streams."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
                % (2**63 - 1))
+
+
+def rampup(step: int, length: int) -> float:
+    """Weight of the unsupervised losses ``step`` steps into the semi-supervised phase.
+
+    The sigmoid-shaped ``exp(-5 (1 - t)^2)`` of the mean teacher (Laine & Aila 2017; Tarvainen & Valpola
+    2017), ``t = step / length``, and 1 from ``length`` on (``length <= 0``: always 1). Switching the
+    consistency losses on at full weight jolts an adaptive optimizer whose statistics were built on the
+    supervised gradients alone.
+    """
+    if length <= 0 or step >= length:
+        return 1.0
+    t = max(0.0, float(step)) / float(length)
+    return math.exp(-5.0 * (1.0 - t) ** 2)

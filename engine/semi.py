@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from data.config import DEFAULT_CLASS_WEIGHTS
 from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_augment
 from engine.runtime import autocast
+from engine.schedule import rampup  # noqa: F401 -- re-exported (trainer, tests)
 from engine.teacher import EMATeacher, ThresholdSchedule  # noqa: F401 -- re-exported
 from losses.partial import IGNORE_INDEX
 from models.mosnet import FP_MODES
@@ -393,17 +394,3 @@ def _unsup_losses(terms: list[tuple[Tensor, Tensor, Tensor]], unl_a: UnlabeledBa
         getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
     return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
             for logits, pseudo, conf in terms]
-
-
-def rampup(step: int, length: int) -> float:
-    """Weight of the unsupervised losses ``step`` steps into the semi-supervised phase.
-
-    The sigmoid-shaped ``exp(-5 (1 - t)^2)`` of the mean teacher (Laine & Aila 2017; Tarvainen & Valpola
-    2017), ``t = step / length``, and 1 from ``length`` on (``length <= 0``: always 1). Switching the
-    consistency losses on at full weight jolts an adaptive optimizer whose statistics were built on the
-    supervised gradients alone.
-    """
-    if length <= 0 or step >= length:
-        return 1.0
-    t = max(0.0, float(step)) / float(length)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
