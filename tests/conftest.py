@@ -26,8 +26,9 @@ TINY_OPTIONS = {"width": 4, "blocksize": 32, "inplane": (32, 32), "batchsize": 2
 def script_env(**extra: str) -> dict[str, str]:
     """Environment for running the repository's scripts as subprocesses (one thread each)."""
     env = dict(os.environ)
+    # UTF-8 both ways whatever the CI locale is: reports print "±" and "→"
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+                "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"})
     env.update(extra)
     return env
 
@@ -36,7 +37,8 @@ def run_script(*argv: str | Path, timeout: float = 300, env: dict[str, str] | No
                cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``python <script> args...`` from the repository root; returns the completed process."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env or script_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
 
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
