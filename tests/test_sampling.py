@@ -193,7 +193,7 @@ def test_unlabeled_sampling_uses_slice_ranges(volumes):
     assert centres == {4}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.cuda  # pinned memory needs CUDA (skipped without it: conftest.pytest_runtest_setup)
 def test_pin_memory(volumes):
     labeled, _ = volumes
     ds = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=2)
