@@ -89,7 +89,8 @@ def _phantom(shape: tuple[int, int, int], seed: int):
 def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, int] = (200, 256, 256),
         configs: tuple[str, ...] = ("axial", "fused"), block: int = 224, tile: int | None = None,
         batch: int = 16, slices: int = 3, io: bool = True, threads: int | None = None,
-        amp: bool | None = None, seed: int = 0, norm: str | None = None) -> dict[str, Any]:
+        amp: bool | None = None, seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm",
+        channels_last: bool = False) -> dict[str, Any]:
     """Time inference of one synthetic volume per configuration, with and without NIfTI I/O.
 
     Args:
@@ -104,6 +105,10 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
         amp: bf16 autocast on CUDA (default on there).
         seed: weights and phantom seed.
         norm: ``batch`` or ``instance`` (None: Final.py's default).
+        norm_kernel: ``groupnorm`` (instance norm as ``models`` builds it) or ``instancenorm2d`` (the
+            previous kernel, ``bench.train_step.to_instance_norm2d``).
+        channels_last: models in channels_last memory format (activations follow the weights: every
+            conv then runs NHWC; GroupNorm has an NHWC CPU kernel, InstanceNorm2d does not).
 
     Returns:
         dict with the settings and, per configuration, ``{config}_s`` (no I/O), ``{config}_cpu_s``
@@ -120,6 +125,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     import numpy as np
     import torch
 
+    from bench.train_step import NORM_KERNELS, to_instance_norm2d
     from data.config import load_config
     from data.volume import Geometry, Volume, read_volume, write_volume
     from inference.segment import LoadedModel, resolve_device, segment_volume
@@ -128,6 +134,8 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     bad = [c for c in configs if c not in ("axial", "fused")]
     if bad:
         raise InputError(None, f"--configs must be axial and/or fused, got {bad}")
+    if norm_kernel not in NORM_KERNELS:
+        raise InputError(None, f"norm kernel must be one of {NORM_KERNELS}, got {norm_kernel!r}")
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -139,7 +147,12 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width, "norm": norm}
 
     def make(view: str) -> LoadedModel:
-        model = build_model(model_args).eval().to(dev)
+        model = build_model(model_args).eval()
+        if norm_kernel == "instancenorm2d":
+            to_instance_norm2d(model)
+        model = model.to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return LoadedModel(model=model, config=config, view=view, slices=slices, block=block,
                            organs=config.organs, path=Path(f"<random {view}>"), model_args=model_args)
 
@@ -157,7 +170,8 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     segment_volume([models[v] for v in VIEWS3], small, **kwargs)
     sync()
 
-    result: dict[str, Any] = {"width": width, "norm": norm, "shape": list(shape), "block": block,
+    result: dict[str, Any] = {"width": width, "norm": norm, "norm_kernel": norm_kernel,
+                              "channels_last": channels_last, "shape": list(shape), "block": block,
                               "tile": tile, "batch": batch, "slices": slices, "amp": amp}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
@@ -200,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-io", action="store_true")
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--norm", choices=("batch", "instance"), default=None, help="default: Final.py's")
+    ap.add_argument("--norm-kernel", choices=("groupnorm", "instancenorm2d"), default="groupnorm",
+                    help="instance norm as GroupNorm(C, C) (default) or the previous InstanceNorm2d")
+    ap.add_argument("--channels-last", action="store_true", help="models in channels_last")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     try:
@@ -210,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(None, f"--shape must be three positive integers, got {a.shape!r}")
     r = run(width=a.width, device=a.device, shape=shape, configs=tuple(a.configs.split(",")),  # type: ignore[arg-type]
             block=a.block, tile=a.tile, batch=a.batch, slices=a.slices, io=not a.no_io,
-            threads=a.threads, amp=False if a.no_amp else None, norm=a.norm)
-    print(f"{r['device']}: width {r['width']} ({r['norm']} norm), volume {tuple(r['shape'])}, "
+            threads=a.threads, amp=False if a.no_amp else None, norm=a.norm, norm_kernel=a.norm_kernel,
+            channels_last=a.channels_last)
+    print(f"{r['device']}: width {r['width']} ({r['norm']} norm, {r['norm_kernel']} kernel"
+          f"{', channels_last' if r['channels_last'] else ''}), volume {tuple(r['shape'])}, "
           f"block {r['block']}, "
           f"tile {r['tile']}, batch {r['batch']}")
     for name in a.configs.split(","):

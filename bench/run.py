@@ -113,7 +113,9 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
         threads: CPU threads of the train/semi/inference sections (the loader is one core by design).
 
     Returns:
-        ``{section: kwargs}`` for ``loader``, ``train``, ``semi`` and ``inference``.
+        ``{section: kwargs}`` for ``loader``, ``train``, ``semi`` and ``inference``, plus
+        ``train_compare`` (:func:`bench.train_step.compare` arguments) and ``inference_compare``
+        (:func:`compare_inference` arguments) for the old-vs-new settings on the CPU (None on CUDA).
     """
     if quick:
         return {
@@ -126,6 +128,12 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
             # bench.inference warms up on 8 slices: no smaller volume
             "inference": {"width": 4, "shape": (16, 64, 64), "block": 224, "tile": 0, "batch": 16,
                           "threads": threads, "fused_slices": 8},
+            "train_compare": None if gpu else {
+                "old": {"width": 8, "size": 64, "batch": 2, "norm_kernel": "instancenorm2d"},
+                "new": {"width": 8, "size": 48, "batch": 2, "norm_kernel": "groupnorm"},
+                "steps": 2, "warmup": 1, "threads": threads},
+            "inference_compare": None if gpu else {"width": 4, "shape": (16, 64, 64), "block": 224,
+                                                   "batch": 16, "threads": threads},
         }
     if gpu:
         return {
@@ -137,6 +145,7 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
                      "steps": 10, "warmup": 3, "threads": threads},
             "inference": {"width": 64, "shape": (200, 256, 256), "block": 224, "batch": 32,
                           "threads": threads},
+            "train_compare": None, "inference_compare": None,  # the old/new comparison is a CPU one
         }
     return {
         "loader": {"n_volumes": 3, "shape": (150, 256, 256), "samples": 2000, "baseline_samples": 16,
@@ -149,6 +158,16 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
         # 40 slices (whole-slice inference) and scaled to 200 (the cost is linear in the slice count).
         "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": 16, "threads": threads,
                       "fused_slices": 40},
+        # Old vs new settings, measured side by side in the same run (train: steps alternate):
+        # old = InstanceNorm2d kernel, 128x128 crops (the demo preset before the change);
+        # new = GroupNorm(C, C) kernel (the network as built now), 96x96 crops (demo.py's --block).
+        "train_compare": {
+            "old": {"width": 16, "size": 128, "batch": 8, "norm_kernel": "instancenorm2d"},
+            "new": {"width": 16, "size": 96, "batch": 8, "norm_kernel": "groupnorm"},
+            "steps": 8, "warmup": 2, "threads": threads},
+        # axial, no I/O: old = InstanceNorm2d, contiguous; new = GroupNorm, channels_last
+        "inference_compare": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": 16,
+                              "threads": threads},
     }
 
 
@@ -228,6 +247,9 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
                               "device_name": torch.cuda.get_device_name(dev) if gpu else "cpu",
                               "quick": quick, "threads": threads,
                               "presets": {s: _jsonable(cfg[s]) for s in only}, "results": {}}
+    for s, extra in (("train", "train_compare"), ("inference", "inference_compare")):
+        if s in only and cfg[extra] is not None:
+            report["presets"][extra] = _jsonable(cfg[extra])
     t_all = time.perf_counter()
 
     def loader() -> dict[str, Any]:
@@ -242,9 +264,12 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
                 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
     def train() -> dict[str, Any]:
-        from bench.train_step import run
+        from bench.train_step import compare, run
 
-        return run(device=str(dev), **cfg["train"])
+        res = run(device=str(dev), **cfg["train"])
+        if cfg["train_compare"] is not None:
+            res["old_vs_new"] = compare(device=str(dev), **cfg["train_compare"])
+        return res
 
     def semi() -> dict[str, Any]:
         from bench.semi_step import run
@@ -252,7 +277,10 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
         return run(device=str(dev), **cfg["semi"])
 
     def inference() -> dict[str, Any]:
-        return run_inference(str(dev), **cfg["inference"])
+        res = run_inference(str(dev), **cfg["inference"])
+        if cfg["inference_compare"] is not None:
+            res["old_vs_new"] = compare_inference(str(dev), **cfg["inference_compare"])
+        return res
 
     fns = {"loader": loader, "train": train, "semi": semi, "inference": inference}
     for name in SECTIONS:
@@ -305,6 +333,35 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
         "ru_maxrss_mb": max(res["ru_maxrss_mb"], fused["ru_maxrss_mb"]),
     })
     return res
+
+
+def compare_inference(device: str, shape: tuple[int, int, int], **kwargs: Any) -> dict[str, Any]:
+    """Axial inference without I/O, old settings then new, in the same run.
+
+    old: instance norm with the InstanceNorm2d kernel, contiguous tensors; new: the GroupNorm(C, C)
+    kernel in channels_last. Both run ``inference.segment.segment_volume`` (under
+    ``torch.inference_mode``) on the same volume with the same weights.
+
+    Args:
+        device: torch device string.
+        shape: numpy shape (slices, rows, columns).
+        kwargs: other ``bench.inference.run`` arguments (width, block, batch, threads...).
+
+    Returns:
+        ``{"old": {"axial_s", "axial_cpu_s", ...}, "new": {...}, "ratio"}`` (ratio = old time / new
+        time: above 1 means the new settings are faster), ``shape``, ``load_avg_1min``.
+    """
+    from bench.inference import run
+
+    out: dict[str, Any] = {"shape": list(shape)}
+    for name, kernel, cl in (("old", "instancenorm2d", False), ("new", "groupnorm", True)):
+        r = run(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
+                channels_last=cl, **kwargs)
+        out[name] = {"norm_kernel": kernel, "channels_last": cl, "axial_s": r["axial_s"],
+                     "axial_cpu_s": r["axial_cpu_s"], "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
+    out["ratio"] = out["old"]["axial_s"] / out["new"]["axial_s"]
+    out["load_avg_1min"] = (_loadavg() or [None])[0]
+    return out
 
 
 def _ru_maxrss_mb() -> float | None:
@@ -382,6 +439,7 @@ def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) ->
                  _f((r.get("train_flops_per_slice") or 0) / 1e9, ".2f", " G")),
                 (name, "forward FLOPs per slice", _f((r.get("fwd_flops_per_slice") or 0) / 1e9, ".2f", " G")),
             ]
+            rows += _old_new_train_rows(r.get("old_vs_new"))
             show_peak = r.get("peak_tflops") is not None if gpu is None else gpu
             if show_peak:
                 frac = r.get("frac_peak")
@@ -418,11 +476,41 @@ def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) ->
                 on = f" (on {_volume_name(r.get('fused_measured_shape'))})" if est else ""
                 rows.append((name, f"{label}, peak RSS above start, MB{on}",
                              _f(r.get(f"{cfg}_peak_rss_mb"), ".0f")))
+        if name == "inference":
+            rows += _old_new_inference_rows(r.get("old_vs_new"))
         mem = f"{_f(r.get('section_peak_rss_mb'), '.0f')} MB RSS"
         if r.get("cuda_peak_mb") is not None:
             mem += f", {_f(r.get('cuda_peak_mb'), '.0f')} MB CUDA"
         rows.append((name, "section peak memory", mem))
     return rows
+
+
+def _old_new_train_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not c:
+        return []
+    rows = []
+    for name in ("old", "new"):
+        o = c[name]
+        kernel = "InstanceNorm2d" if o.get("norm_kernel") == "instancenorm2d" else "GroupNorm(C, C)"
+        rows.append(("train", f"{name}: {kernel}, {o['size']}x{o['size']}, batch {o['batch']}, "
+                     "slices/s; megapixels/s",
+                     f"{_f(o.get('slices_per_s'), '.1f')}; {_f(o.get('megapixels_per_s'), '.3f')}"))
+    rows.append(("train", "new / old, slices/s; megapixels/s (same run, steps alternating)",
+                 f"{_f(c.get('slices_ratio'), '.2f', 'x')}; {_f(c.get('megapixels_ratio'), '.2f', 'x')}"))
+    return rows
+
+
+def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not c:
+        return []
+    vol = _volume_name(c.get("shape"))
+    return [
+        ("inference", f"old: axial, InstanceNorm2d, contiguous, s per {vol} (no I/O)",
+         _f(c["old"].get("axial_s"), ".2f")),
+        ("inference", f"new: axial, GroupNorm(C, C), channels_last, s per {vol} (no I/O)",
+         _f(c["new"].get("axial_s"), ".2f")),
+        ("inference", "old / new time (same run, one after the other)", _f(c.get("ratio"), ".2f", "x")),
+    ]
 
 
 def _load(v: Any) -> str:

@@ -25,6 +25,35 @@ from engine.runtime import synchronize  # noqa: E402
 from utils.errors import InputError, run_cli  # noqa: E402
 
 AMP = ("off", "bf16", "fp16")
+NORM_KERNELS = ("groupnorm", "instancenorm2d")
+
+
+def to_instance_norm2d(model):
+    """Swap every ``GroupNorm(C, C)`` of ``model`` for ``InstanceNorm2d(C, affine=True)``, in place.
+
+    The two compute the same thing (per-sample, per-channel statistics, the same eps, parameters
+    ``weight`` and ``bias``); only the kernel differs. ``models.blocks.norm_layer`` builds instance
+    norm as ``GroupNorm(C, C)`` since the GroupNorm switch; this puts the previous kernel back, for
+    old-vs-new measurements in one benchmark run. The swapped model keeps the weights (the same
+    Parameter objects), device and dtype.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``model`` (modified in place), for chaining.
+    """
+    from torch import nn
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm) and child.num_groups == child.num_channels:
+                new = nn.InstanceNorm2d(child.num_channels, eps=child.eps, affine=child.affine,
+                                        track_running_stats=False)
+                if child.affine:
+                    new.weight, new.bias = child.weight, child.bias
+                setattr(parent, name, new)
+    return model
 
 
 def _loadavg() -> float | None:
@@ -36,58 +65,31 @@ def _loadavg() -> float | None:
         return None
 
 
-def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_classes: int = 4,
-        device: str = "cpu", amp: str = "off", channels_last: bool = False, compile: bool = False,
-        steps: int = 10, warmup: int = 3, threads: int | None = None, blocks: int | list[int] = 1,
-        seed: int = 0, norm: str | None = None) -> dict[str, Any]:
-    """Time ``steps`` supervised training steps after ``warmup`` untimed ones.
-
-    Args:
-        width, blocks: MOSNet width and residual blocks per level.
-        size: square crop size (divisible by 16).
-        batch, slices, num_classes: batch size, 2.5D input slices, classes incl. background.
-        device: torch device string.
-        amp: autocast dtype (``off``, ``bf16``, ``fp16``; fp16 uses a GradScaler on CUDA).
-        channels_last: model and input in channels_last memory format.
-        compile: ``torch.compile`` the model (compile time is reported separately, not timed).
-        steps, warmup: timed and untimed steps.
-        threads: ``torch.set_num_threads`` (CPU), None leaves it.
-        seed: RNG seed for weights and inputs.
-        norm: ``batch`` or ``instance`` (None: Final.py's default).
+def make_step(width: int, size: int, batch: int, slices: int, num_classes: int, device, amp: str = "off",
+              channels_last: bool = False, compile: bool = False, blocks: int | list[int] = 1, seed: int = 0,
+              norm: str | None = None, norm_kernel: str = "groupnorm"):
+    """Model, optimizer and fixed random batch of one supervised training step (see :func:`run`).
 
     Returns:
-        dict with ``slices_per_s``, ``s_per_step`` (median), ``s_per_step_min``, ``cpu_s_per_step``
-        (process CPU time), ``load_avg_1min``, ``train_flops_per_slice``,
-        ``fwd_flops_per_slice``, ``achieved_tflops``, ``peak_tflops``, ``frac_peak`` (None off GPU or
-        for unknown GPUs), ``compile_s`` and the settings.
-
-    Raises:
-        InputError: invalid settings (size not divisible by 16, unknown amp, unavailable device).
+        ``(model, step)``: the eager model (for FLOP counting) and a no-argument function that runs
+        one training step (forward under autocast, deep-supervised TAL, backward, RMSprop).
     """
     import torch
 
     from losses.partial import DeepSupervisedLoss
     from models import DEFAULT_NORM, build_model
-    from utils.flops import count_flops, peak_tflops
 
-    if amp not in AMP:
-        raise InputError(None, f"--amp must be one of {AMP}, got {amp!r}")
-    if size % 16:
-        raise InputError(None, f"--size must be divisible by 16, got {size}")
+    if norm_kernel not in NORM_KERNELS:
+        raise InputError(None, f"norm kernel must be one of {NORM_KERNELS}, got {norm_kernel!r}")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "--device cuda asked for but CUDA is not available")
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     norm = norm or DEFAULT_NORM
     model = build_model({"in_channels": slices, "num_classes": num_classes, "width": width,
-                         "blocks": blocks, "norm": norm}).to(dev)
+                         "blocks": blocks, "norm": norm})
+    if norm_kernel == "instancenorm2d":
+        to_instance_norm2d(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    # counted on the eager model (before compiling), on a batch of 1 and of ``batch``
-    fwd_flops = count_flops(model, (1, slices, size, size))
-    train_flops = count_flops(model, (batch, slices, size, size), backward=True) / batch
+    model = model.to(dev).to(memory_format=fmt)
 
     crit = DeepSupervisedLoss()
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-4, momentum=0.9)
@@ -111,6 +113,62 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+
+    return model, step
+
+
+def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_classes: int = 4,
+        device: str = "cpu", amp: str = "off", channels_last: bool = False, compile: bool = False,
+        steps: int = 10, warmup: int = 3, threads: int | None = None, blocks: int | list[int] = 1,
+        seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm") -> dict[str, Any]:
+    """Time ``steps`` supervised training steps after ``warmup`` untimed ones.
+
+    Args:
+        width, blocks: MOSNet width and residual blocks per level.
+        size: square crop size (divisible by 16).
+        batch, slices, num_classes: batch size, 2.5D input slices, classes incl. background.
+        device: torch device string.
+        amp: autocast dtype (``off``, ``bf16``, ``fp16``; fp16 uses a GradScaler on CUDA).
+        channels_last: model and input in channels_last memory format.
+        compile: ``torch.compile`` the model (compile time is reported separately, not timed).
+        steps, warmup: timed and untimed steps.
+        threads: ``torch.set_num_threads`` (CPU), None leaves it.
+        seed: RNG seed for weights and inputs.
+        norm: ``batch`` or ``instance`` (None: Final.py's default).
+        norm_kernel: ``groupnorm`` (instance norm as ``models`` builds it) or ``instancenorm2d`` (the
+            previous kernel, see :func:`to_instance_norm2d`); no effect on batch norm.
+
+    Returns:
+        dict with ``slices_per_s``, ``megapixels_per_s`` (slices/s x crop area), ``s_per_step``
+        (median), ``s_per_step_min``, ``cpu_s_per_step``
+        (process CPU time), ``load_avg_1min``, ``train_flops_per_slice``,
+        ``fwd_flops_per_slice``, ``achieved_tflops``, ``peak_tflops``, ``frac_peak`` (None off GPU or
+        for unknown GPUs), ``compile_s`` and the settings.
+
+    Raises:
+        InputError: invalid settings (size not divisible by 16, unknown amp, unavailable device).
+    """
+    import torch
+
+    from models import DEFAULT_NORM
+    from utils.flops import count_flops, peak_tflops
+
+    if amp not in AMP:
+        raise InputError(None, f"--amp must be one of {AMP}, got {amp!r}")
+    if size % 16:
+        raise InputError(None, f"--size must be divisible by 16, got {size}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda asked for but CUDA is not available")
+    if threads:
+        torch.set_num_threads(threads)
+    norm = norm or DEFAULT_NORM
+    model, step = make_step(width=width, size=size, batch=batch, slices=slices, num_classes=num_classes,
+                            device=dev, amp=amp, channels_last=channels_last, compile=compile,
+                            blocks=blocks, seed=seed, norm=norm, norm_kernel=norm_kernel)
+    # counted on the eager model (before compiling), on a batch of 1 and of ``batch``
+    fwd_flops = count_flops(model, (1, slices, size, size))
+    train_flops = count_flops(model, (batch, slices, size, size), backward=True) / batch
 
     t0 = time.perf_counter()
     step()
@@ -138,13 +196,66 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     return {
         "device": name,
         "width": width, "blocks": blocks, "size": size, "batch": batch, "slices": slices,
-        "norm": norm, "amp": amp, "channels_last": channels_last, "compile": compile,
+        "norm": norm, "norm_kernel": norm_kernel if norm == "instance" else None, "amp": amp,
+        "channels_last": channels_last, "compile": compile,
         "s_per_step": med, "s_per_step_min": times[0], "slices_per_s": batch / med,
+        "megapixels_per_s": batch * size * size / med / 1e6,
         "cpu_s_per_step": cpu_s, "load_avg_1min": _loadavg(),
         "fwd_flops_per_slice": int(fwd_flops), "train_flops_per_slice": int(train_flops),
         "achieved_tflops": achieved, "peak_tflops": peak,
         "frac_peak": achieved / peak if peak else None, "compile_s": compile_s,
     }
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], device: str = "cpu", steps: int = 10,
+            warmup: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """Two training-step settings timed in one run, steps alternating (load changes hit both alike).
+
+    Args:
+        old, new: :func:`make_step` keyword arguments (``width``, ``size``, ``batch``, ``norm_kernel``,
+            ...; ``slices`` 3 and ``num_classes`` 4 unless given).
+        device: torch device string.
+        steps, warmup: timed and untimed steps of each setting.
+        threads: ``torch.set_num_threads`` (CPU), None leaves it.
+
+    Returns:
+        ``{"old": {...}, "new": {...}, "slices_ratio", "megapixels_ratio", "load_avg_1min"}``: per
+        setting its arguments, ``s_per_step`` (median), ``slices_per_s``, ``megapixels_per_s``; the
+        ratios are new / old.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    setups = {}
+    for name, kw in (("old", old), ("new", new)):
+        kw = {"slices": 3, "num_classes": 4, **kw}
+        if kw["size"] % 16:
+            raise InputError(None, f"size must be divisible by 16, got {kw['size']}")
+        setups[name] = (kw, make_step(device=dev, **kw)[1])
+    for _ in range(warmup):
+        for _, step in setups.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(steps):
+        for name, (_, step) in setups.items():
+            synchronize(dev)
+            t = time.perf_counter()
+            step()
+            synchronize(dev)
+            times[name].append(time.perf_counter() - t)
+    out: dict[str, Any] = {}
+    for name, (kw, _) in setups.items():
+        ts = sorted(times[name])
+        med = ts[len(ts) // 2]
+        out[name] = {**kw, "s_per_step": med, "s_per_step_min": ts[0],
+                     "slices_per_s": kw["batch"] / med,
+                     "megapixels_per_s": kw["batch"] * kw["size"] ** 2 / med / 1e6}
+    out["slices_ratio"] = out["new"]["slices_per_s"] / out["old"]["slices_per_s"]
+    out["megapixels_ratio"] = out["new"]["megapixels_per_s"] / out["old"]["megapixels_per_s"]
+    out["load_avg_1min"] = _loadavg()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -262,3 +262,58 @@ def test_quick_ablation_end_to_end(tmp_path):
     assert len(run["per_case"]) == report["options"]["held_out"]
     assert "| 1 labeled/dataset | tal |" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").is_file()
+
+
+def test_instance_norm2d_swap_keeps_the_outputs():
+    import torch
+
+    from bench.train_step import to_instance_norm2d
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"in_channels": 3, "num_classes": 4, "width": 4, "norm": "instance"})
+    with torch.no_grad():  # non-trivial affine parameters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x).logits
+        n_params = sum(p.numel() for p in model.parameters())
+        to_instance_norm2d(model)
+        after = model(x).logits
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and all(m.affine and not m.track_running_stats for m in norms)
+    # no GroupNorm(C, C) left (GroupNorm(1, C) of the fusion block is not instance norm and stays)
+    assert not any(isinstance(m, torch.nn.GroupNorm) and m.num_groups == m.num_channels
+                   for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_old_vs_new_rows_on_fake_results():
+    train = {"width": 16, "size": 128, "batch": 8, "amp": "off", "slices_per_s": 30.0,
+             "old_vs_new": {"old": {"size": 128, "batch": 8, "norm_kernel": "instancenorm2d",
+                                    "slices_per_s": 20.0, "megapixels_per_s": 0.328},
+                            "new": {"size": 96, "batch": 8, "norm_kernel": "groupnorm",
+                                    "slices_per_s": 40.0, "megapixels_per_s": 0.369},
+                            "slices_ratio": 2.0, "megapixels_ratio": 1.125}}
+    inference = {"shape": [200, 256, 256], "axial_s": 20.0,
+                 "old_vs_new": {"shape": [200, 256, 256], "old": {"axial_s": 30.0}, "new": {"axial_s": 20.0},
+                                "ratio": 1.5}}
+    by = {m: v for _, m, v in bench_run.summary_rows({"train": train, "inference": inference}, gpu=False)}
+    assert by["old: InstanceNorm2d, 128x128, batch 8, slices/s; megapixels/s"] == "20.0; 0.328"
+    assert by["new: GroupNorm(C, C), 96x96, batch 8, slices/s; megapixels/s"] == "40.0; 0.369"
+    assert by["new / old, slices/s; megapixels/s (same run, steps alternating)"] == "2.00x; 1.12x"
+    assert by["old / new time (same run, one after the other)"] == "1.50x"
+    assert by["new: axial, GroupNorm(C, C), channels_last, s per 256x256x200 (no I/O)"] == "20.00"
+    assert all("|" not in m and "|" not in v for m, v in by.items())  # Markdown table cells
+
+
+def test_old_vs_new_presets():
+    cpu, gpu = bench_run.presets(gpu=False), bench_run.presets(gpu=True)
+    old, new = cpu["train_compare"]["old"], cpu["train_compare"]["new"]
+    assert (old["size"], old["norm_kernel"], new["size"], new["norm_kernel"]) == (
+        128, "instancenorm2d", 96, "groupnorm")
+    assert cpu["inference_compare"]["shape"] == (200, 256, 256)
+    assert gpu["train_compare"] is None and gpu["inference_compare"] is None
