@@ -317,3 +317,45 @@ def test_old_vs_new_presets():
         128, "instancenorm2d", 96, "groupnorm")
     assert cpu["inference_compare"]["shape"] == (200, 256, 256)
     assert gpu["train_compare"] is None and gpu["inference_compare"] is None
+
+
+def test_gpu_check_cpu_smoke_writes_json_and_markdown(tmp_path, one_thread):
+    """--cpu-smoke: every section of the GPU check runs (tiny, CPU) or is recorded as skipped."""
+    from bench import gpu_check
+
+    out = tmp_path / "gc"
+    assert gpu_check.main(["--out", str(out), "--cpu-smoke"]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    assert {n for n, s in sections.items() if s["status"] == "skipped"} == {"pytest_cuda", "ddp"}
+    assert all(s["status"] == "ok" for n, s in sections.items() if n not in ("pytest_cuda", "ddp"))
+    train = sections["train_bf16"]["result"]
+    assert train["amp"] == "bf16" and train["channels_last"] and train["slices_per_s"] > 0
+    assert sections["train_fp16"]["result"]["amp"] == "fp16"
+    assert sections["max_batch"]["result"]["max_batch"] == 8  # the smoke limit: no OOM on a CPU
+    assert sections["max_batch_compile"]["result"]["timed_batch"] == sections["max_batch"]["result"]["timed_batch"]
+    assert sections["inference"]["result"]["axial_256_s"] > 0
+    assert all(s["cap_s"] > 0 and s["seconds"] >= 0 for s in sections.values())
+    md = (out / "gpu_check.md").read_text()
+    assert "--cpu-smoke" in md and "| ddp | skipped" in md and ">= 700" in md and "<= 0.5" in md
+
+
+def test_gpu_check_largest_batch_doubles_then_bisects():
+    from bench.gpu_check import largest_batch
+
+    r = largest_batch(lambda b: b <= 100, start=8, limit=4096)
+    # 8..64 fit, 128 does not; bisect 96 (ok), 112 (no), 104 (no)
+    assert r["tried"] == [[8, True], [16, True], [32, True], [64, True], [128, False], [96, True],
+                          [112, False], [104, False]]
+    assert r["max_batch"] == 96 and r["first_oom"] == 128
+    assert largest_batch(lambda b: True, 8, 32)["max_batch"] == 32
+    with pytest.raises(RuntimeError):
+        largest_batch(lambda b: False, 8, 32)
+
+
+def test_gpu_check_section_over_its_cap_is_recorded_and_killed():
+    from bench.gpu_check import run_isolated
+
+    res = run_isolated("train_bf16", smoke=True, cap_s=0.3)  # python + torch import alone take longer
+    assert res["status"] == "timeout" and "cap" in res["error"]
