@@ -209,12 +209,21 @@ def section_ddp(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if p["device"] == "cpu" or n < 2:
         return {"skipped": f"{n} GPU(s): the DDP run needs 2"}
+    from dataclasses import replace
+
+    from data.cache import build_cache
+    from data.config import load_config
+    from data.layout import discover
     from data.phantom import synthesize
 
     with tempfile.TemporaryDirectory(prefix="unimos-ddp-") as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         datasets = ["LiTS", "KiTS", "MSDSpleen"]
         synthesize(data, cases=2, unlabeled=1, val=1, seed=0, datasets=datasets, scale=0.125)
+        # the slice cache built once here, as tests/conftest.py does (not by two ranks at once)
+        config = replace(load_config(), inplane_size=(64, 64))
+        build_cache(discover(config, data, datasets), config, data / ".unimos_cache", views=("axial",),
+                    workers=0, progress=False)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "Final.py", "--data", str(data), "--out", str(out), "--datasets", ",".join(datasets),
                "--width", "8", "--inplane", "64", "64", "--blocksize", "64", "-b", "4", "--epochs", "2",
