@@ -335,31 +335,42 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
     return res
 
 
-def compare_inference(device: str, shape: tuple[int, int, int], **kwargs: Any) -> dict[str, Any]:
+def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
+                      small_batch: int | None = 2, **kwargs: Any) -> dict[str, Any]:
     """Axial inference without I/O, old settings then new, in the same run.
 
     old: instance norm with the InstanceNorm2d kernel, contiguous tensors; new: the GroupNorm(C, C)
-    kernel in channels_last. Both run ``inference.segment.segment_volume`` (under
+    kernel in channels_last; new_small_batch: new with ``small_batch`` slices per forward pass (on a
+    CPU the activations of a few slices stay in the caches: 2 slices per forward took half the CPU time
+    per slice of 16 on one thread). All run ``inference.segment.segment_volume`` (under
     ``torch.inference_mode``) on the same volume with the same weights.
 
     Args:
         device: torch device string.
         shape: numpy shape (slices, rows, columns).
-        kwargs: other ``bench.inference.run`` arguments (width, block, batch, threads...).
+        batch: slices per forward pass of old and new.
+        small_batch: slices per forward pass of ``new_small_batch`` (None: not measured).
+        kwargs: other ``bench.inference.run`` arguments (width, block, threads...).
 
     Returns:
-        ``{"old": {"axial_s", "axial_cpu_s", ...}, "new": {...}, "ratio"}`` (ratio = old time / new
-        time: above 1 means the new settings are faster), ``shape``, ``load_avg_1min``.
+        ``{"old": {"axial_s", "axial_cpu_s", ...}, "new": {...}, "new_small_batch": {...}, "ratio",
+        "ratio_small_batch"}`` (ratios = old time / new time: above 1 means faster than old),
+        ``shape``, ``load_avg_1min``.
     """
     from bench.inference import run
 
     out: dict[str, Any] = {"shape": list(shape)}
-    for name, kernel, cl in (("old", "instancenorm2d", False), ("new", "groupnorm", True)):
+    runs = [("old", "instancenorm2d", False, batch), ("new", "groupnorm", True, batch)]
+    if small_batch:
+        runs.append(("new_small_batch", "groupnorm", True, small_batch))
+    for name, kernel, cl, b in runs:
         r = run(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
-                channels_last=cl, **kwargs)
-        out[name] = {"norm_kernel": kernel, "channels_last": cl, "axial_s": r["axial_s"],
+                channels_last=cl, batch=b, **kwargs)
+        out[name] = {"norm_kernel": kernel, "channels_last": cl, "batch": b, "axial_s": r["axial_s"],
                      "axial_cpu_s": r["axial_cpu_s"], "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
     out["ratio"] = out["old"]["axial_s"] / out["new"]["axial_s"]
+    if small_batch:
+        out["ratio_small_batch"] = out["old"]["axial_s"] / out["new_small_batch"]["axial_s"]
     out["load_avg_1min"] = (_loadavg() or [None])[0]
     return out
 
@@ -504,13 +515,25 @@ def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, st
     if not c:
         return []
     vol = _volume_name(c.get("shape"))
-    return [
-        ("inference", f"old: axial, InstanceNorm2d, contiguous, s per {vol} (no I/O)",
-         _f(c["old"].get("axial_s"), ".2f")),
-        ("inference", f"new: axial, GroupNorm(C, C), channels_last, s per {vol} (no I/O)",
-         _f(c["new"].get("axial_s"), ".2f")),
+
+    def cell(r: dict[str, Any]) -> str:
+        return f"{_f(r.get('axial_s'), '.2f')} (CPU {_f(r.get('axial_cpu_s'), '.1f')} s)"
+
+    rows = [
+        ("inference", f"old: axial, InstanceNorm2d, contiguous, batch {c['old'].get('batch', 16)}, "
+         f"s per {vol} (no I/O)", cell(c["old"])),
+        ("inference", f"new: axial, GroupNorm(C, C), channels_last, batch {c['new'].get('batch', 16)}, "
+         f"s per {vol} (no I/O)", cell(c["new"])),
         ("inference", "old / new time (same run, one after the other)", _f(c.get("ratio"), ".2f", "x")),
     ]
+    if "new_small_batch" in c:
+        rows += [
+            ("inference", f"new, batch {c['new_small_batch'].get('batch')}: s per {vol} (no I/O)",
+             cell(c["new_small_batch"])),
+            ("inference", f"old / new at batch {c['new_small_batch'].get('batch')} time",
+             _f(c.get("ratio_small_batch"), ".2f", "x")),
+        ]
+    return rows
 
 
 def _load(v: Any) -> str:
