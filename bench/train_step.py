@@ -220,8 +220,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], device: str = "cpu", steps
 
     Returns:
         ``{"old": {...}, "new": {...}, "slices_ratio", "megapixels_ratio", "load_avg_1min"}``: per
-        setting its arguments, ``s_per_step`` (median), ``slices_per_s``, ``megapixels_per_s``; the
-        ratios are new / old.
+        setting its arguments, ``s_per_step`` (median), ``cpu_s_per_step`` (process CPU time, mean),
+        ``slices_per_s``, ``megapixels_per_s``; the ratios are new / old (of the medians).
     """
     import torch
 
@@ -238,18 +238,20 @@ def compare(old: dict[str, Any], new: dict[str, Any], device: str = "cpu", steps
         for _, step in setups.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in setups}
+    cpu: dict[str, float] = {name: 0.0 for name in setups}
     for _ in range(steps):
         for name, (_, step) in setups.items():
             synchronize(dev)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             step()
             synchronize(dev)
             times[name].append(time.perf_counter() - t)
+            cpu[name] += time.process_time() - c
     out: dict[str, Any] = {}
     for name, (kw, _) in setups.items():
         ts = sorted(times[name])
         med = ts[len(ts) // 2]
-        out[name] = {**kw, "s_per_step": med, "s_per_step_min": ts[0],
+        out[name] = {**kw, "s_per_step": med, "s_per_step_min": ts[0], "cpu_s_per_step": cpu[name] / steps,
                      "slices_per_s": kw["batch"] / med,
                      "megapixels_per_s": kw["batch"] * kw["size"] ** 2 / med / 1e6}
     out["slices_ratio"] = out["new"]["slices_per_s"] / out["old"]["slices_per_s"]
