@@ -77,13 +77,23 @@ def test_presets_fit_their_benchmarks(gpu, quick):
 
     from bench.loader import run as loader
     from bench.semi_step import run as semi
+    from bench.train_step import compare
     from bench.train_step import run as train
 
-    fns = {"loader": loader, "train": train, "semi": semi, "inference": bench_run.run_inference}
+    fns = {"loader": loader, "train": train, "semi": semi, "inference": bench_run.run_inference,
+           "train_compare": compare, "inference_compare": bench_run.compare_inference}
     cfg = bench_run.presets(gpu=gpu, quick=quick)
     assert set(cfg) == set(fns)
+    assert (cfg["train_compare"] is None) == gpu and (cfg["inference_compare"] is None) == gpu
     for name, kwargs in cfg.items():
-        extra = {"device": "cpu"} if name in ("train", "semi") else {}
+        if kwargs is None:  # the old-vs-new comparisons are CPU-only
+            continue
+        if name == "train_compare":  # its old / new settings are make_step arguments
+            from bench.train_step import make_step
+
+            for which in ("old", "new"):
+                inspect.signature(make_step).bind_partial(**kwargs[which], device="cpu")
+        extra = {"device": "cpu"} if name in ("train", "semi", "train_compare", "inference_compare") else {}
         inspect.signature(fns[name]).bind_partial(**kwargs, **extra)  # TypeError on a wrong name
 
 
