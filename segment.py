@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the flips the model was trained with")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--batch", type=int, default=None,
+                   help="slices per forward pass (default: 2 on a CPU, 16 on a GPU)")
     p.add_argument("--tile", type=int, default=None,
                    help="in-plane sliding-window size (0 or a multiple of 16); 0 = whole slices; default: "
                         "whole slices up to twice the training block, tiles of the block beyond")
@@ -84,7 +85,7 @@ def _check_flags(args) -> None:
     """
     from utils.errors import InputError
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise InputError(None, f"--batch must be >= 1, got {args.batch}")
     if args.tile is not None and args.tile < 0:
         raise InputError(None, f"--tile must be >= 0, got {args.tile}")

@@ -140,7 +140,14 @@ def _fused_probabilities(models: Sequence[LoadedModel], image: np.ndarray, spaci
     return probs
 
 
-def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, *, batch: int = 16,
+def default_batch(device: torch.device) -> int:
+    """Slices per forward pass: 16 on a GPU; 2 on a CPU, where the activations of two 256x256 slices
+    at width 16 stay in the caches (measured: 0.051 vs 0.102 CPU s per slice than 16 on one thread,
+    bench.run's inference comparison)."""
+    return 16 if device.type == "cuda" else 2
+
+
+def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, *, batch: int | None = None,
                    tta: bool = False, postprocess: bool = True, device: str | torch.device | None = None,
                    amp: bool | None = None, progress: bool = False, tile: int | None = None) -> Volume:
     """Segment a CT volume; the result lies on the input's exact grid.
@@ -150,7 +157,7 @@ def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, 
             are averaged on the canonical grid (multi-view fusion). They must share organs, HU window
             and in-plane size.
         volume: CT in HU, any orientation (oblique grids are handled by their closest axes).
-        batch: slices per forward pass.
+        batch: slices per forward pass; None: :func:`default_batch` of the device.
         tta: average over the four flips of the slice plane too (4x slower).
         postprocess: keep the largest connected component(s) of each organ
             (``config.components``; 1 by default).
@@ -169,10 +176,11 @@ def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, 
     models = [models] if isinstance(models, LoadedModel) else list(models)
     if not models:
         raise ValueError("segment_volume needs at least one model")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
     config = _common_config(models)
     dev = resolve_device(device)
+    batch = default_batch(dev) if batch is None else batch
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     amp = (dev.type == "cuda") if amp is None else bool(amp)
     for m in models:
         m.model.eval().to(dev)
@@ -203,6 +211,7 @@ def segment_volume(models: LoadedModel | Sequence[LoadedModel], volume: Volume, 
 
 # The modules this one was split into (issue 16) re-exported: `from inference.segment import ...` keeps
 # working for segment.py, bench/ and the tests.
-__all__ = ["DIVISOR", "TTA_FLIPS", "LoadedModel", "TilePlan", "blend_weights", "load_model", "plan_outputs",
+__all__ = ["DIVISOR", "TTA_FLIPS", "LoadedModel", "TilePlan", "blend_weights", "default_batch", "load_model",
+           "plan_outputs",
            "plan_tiles", "predict_stack", "probabilities_to_labels", "segment_volume", "tile_size",
            "window_starts"]
