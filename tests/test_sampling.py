@@ -229,38 +229,3 @@ def test_slab_indices_centre_in_the_middle_and_clamped():
     assert idx.tolist() == [[0, 0, 1], [0, 1, 2], [3, 4, 4]]
     assert slab_indices(np.array([2]), n=5, slices=5).tolist() == [[0, 1, 2, 3, 4]]
     assert slab_indices(np.array([0]), n=1, slices=3).tolist() == [[0, 0, 0]]
-
-
-class _NpFlipDataset(SliceDataset):
-    """SliceDataset with the augmentation as written before the loader speed-up (np.flip per axis)."""
-
-    def _augment(self, rng, image, label):
-        if self.rot90:
-            k = int(rng.integers(4))
-            if k:
-                image = np.rot90(image, k, axes=(-2, -1))
-                label = None if label is None else np.rot90(label, k, axes=(-2, -1))
-        if self.flips:
-            for axis in (-1, -2):
-                if rng.random() < 0.5:
-                    image = np.flip(image, axis)
-                    label = None if label is None else np.flip(label, axis)
-        scale, shift = self.intensity
-        if scale > 0 or shift > 0:
-            a = 1.0 + rng.uniform(-scale, scale)
-            b = rng.uniform(-shift, shift)
-            image = (image * np.float32(a) + np.float32(b)).astype(np.float32, copy=False)
-        return image, label
-
-
-@pytest.mark.parametrize("labeled, kw", [(True, {}), (True, {"intensity": (0.1, 0.15)}),
-                                         (False, {"rot90": True}), (True, {"block": 40})])
-def test_samples_unchanged_by_the_loader_speed_up(volumes, labeled, kw):
-    lab, unl = volumes
-    kw = {"block": 24, "samples_per_epoch": 40, "seed": 3, "labeled": labeled, **kw}
-    new = SliceDataset(lab if labeled else unl, CONFIG, "axial", **kw)
-    old = _NpFlipDataset(lab if labeled else unl, CONFIG, "axial", **kw)
-    for i in range(40):
-        a, b = new[i], old[i]
-        assert a.keys() == b.keys() and _same(a, b), i
-        assert a["image"].flags.c_contiguous and a["image"].flags.owndata
