@@ -133,6 +133,12 @@ class EMATeacher:
             a.copy_(b)
         self.updates += 1
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average at ``model``'s current weights and buffers (the update count too)."""
+        self.module.load_state_dict(unwrap(model).state_dict())
+        self.updates = 0
+
     def __call__(self, x: Tensor, **kwargs: Any) -> Any:
         """Forward of the averaged network (in eval mode)."""
         return self.module(x, **kwargs)

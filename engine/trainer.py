@@ -262,6 +262,13 @@ class Trainer:
         for g in self.net.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
         batch = next(self.lab_iter).to(self.device, non_blocking=self.pin)
+        teacher = self.semi_parts.teacher if self.semi_parts is not None else None
+        if teacher is not None and step == self.semi_from:
+            # The EMA of the warm-up is an average over weights from random ones onwards: ~100 steps
+            # behind (momentum 0.99), it validated at 0.22 where the student had 0.63 when the
+            # semi-supervised phase began on the ablation's phantoms, and its pseudo-labels were that
+            # bad. The teacher starts as the student, and averages from there.
+            teacher.reset(unwrap(self.model))
         if self.semi and step >= self.semi_from:
             losses = self._semi_losses(batch)
         else:
