@@ -450,3 +450,37 @@ def test_strong_views_do_not_update_bn_running_statistics():
     assert y.mean().abs() < 1e-5 and bn.momentum == 0.1
     model(x)
     assert bn.running_mean.abs().sum() > 0
+
+
+def test_ema_reset_restarts_the_average_at_the_model():
+    torch.manual_seed(0)
+    model = net(3, C, 4)
+    teacher = EMATeacher(model, momentum=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    teacher.update(model)
+    assert teacher.updates == 1
+    teacher.reset(model)
+    assert teacher.updates == 0
+    for a, b in zip(teacher.module.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_teacher_starts_from_the_student_when_the_semi_phase_begins(tiny_data, tmp_path, monkeypatch):
+    """The warm-up's EMA lags far behind the student; the semi-supervised phase must not start from it."""
+    from engine import teacher as teacher_mod
+    from engine.trainer import fit
+    from tests.conftest import train_options
+
+    calls = []
+    original = teacher_mod.EMATeacher.reset
+
+    def spy(self, model):
+        calls.append(self.updates)
+        original(self, model)
+
+    monkeypatch.setattr(teacher_mod.EMATeacher, "reset", spy)
+    # 2 epochs of 2 steps, warm-up 1 epoch: the semi phase begins at step 2, after two EMA updates
+    fit(train_options(tiny_data, tmp_path, semi=True, semi_warmup=1, semi_rampup=0))
+    assert calls == [2]
