@@ -33,7 +33,7 @@ import numpy as np
 from data.config import IGNORE_INDEX, Config
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
-from data.volume import VIEWS, Geometry, Volume, read_volume
+from data.volume import VIEWS, Geometry, Volume, match_grid, read_volume
 from utils.errors import InputError
 from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
@@ -217,9 +217,12 @@ def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target:
     label_vol = None
     if case.label is not None:
         label_vol = read_volume(case.label)
-        if not image_vol.geometry.same_grid(label_vol.geometry):
+        # The same voxels in another index order (flipped / permuted axes) are reoriented exactly.
+        matched = match_grid(label_vol, image_vol.geometry)
+        if matched is None:
             raise InputError(case.label, f"label grid ({label_vol.geometry.describe()}) does not match "
                              f"image {case.image} ({image_vol.geometry.describe()})")
+        label_vol = matched
     canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False,
                                            spacing_mm=config.inplane_spacing)
     image = window_hu(canon.array, config.hu_window)

@@ -132,6 +132,9 @@ def _pad_volume(volume: Volume, pads: Pads, value: float) -> Volume:
     crop = (slice(None), slice(max(0, -t), a.shape[1] - max(0, -b)),
             slice(max(0, -lft), a.shape[2] - max(0, -r)))
     a = a[crop]
+    if a.dtype.kind in "iu":  # e.g. an unsigned MR image: the lowest value it can hold stands for air
+        info = np.iinfo(a.dtype)
+        value = min(max(value, info.min), info.max)
     a = np.pad(a, ((0, 0), (max(0, t), max(0, b)), (max(0, lft), max(0, r))), mode="constant",
                constant_values=np.asarray(value).astype(a.dtype))
     geo = volume.geometry

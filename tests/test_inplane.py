@@ -104,6 +104,9 @@ def test_padding_is_exact_and_air():
                                vol.geometry.index_to_world(np.array([0, 0, 0])), atol=1e-9)
     lab = apply_plan(canon.with_array((arr > 0).astype(np.uint8)), plan, is_label=True)
     assert lab.array.dtype == np.uint8 and (lab.array[:, :2] == 0).all()
+    # an unsigned image cannot hold -1024: it is padded with its lowest value, never wrapped around
+    mr = apply_plan(canon.with_array((arr + 1000).astype(np.uint16)), plan, is_label=False)
+    assert (mr.array[:, :2] == 0).all()
 
 
 def test_no_stretch_a_disc_stays_a_disc():

@@ -138,3 +138,23 @@ def test_evaluate_image_accepts_a_dicom_folder(tmp_path):
     assert _cli(["--pred", str(tmp_path / "pred.nii.gz"), "--gt", str(tmp_path / "gt.nii.gz"),
                  "--out", str(out), "--png", str(tmp_path / "png"), "--image", str(series)]) == 0
     assert (tmp_path / "png" / "pred.png").is_file()
+
+
+def test_training_label_in_another_index_order_is_reoriented(tmp_path):
+    from data.cache import build_cache
+    from tests.test_cache import CONFIG, _case
+
+    flipped = _case(tmp_path / "a", name="c1")
+    ref = build_cache([flipped], CONFIG, tmp_path / "cache_a", views=("axial",), progress=False)[0]
+    # the same label stored with its first two index axes flipped: same voxels, other order
+    lab = read_volume(flipped.label)
+    write_volume(to_storage(*_canonical_pair(lab)), flipped.label)
+    again = build_cache([flipped], CONFIG, tmp_path / "cache_b", views=("axial",), progress=False)[0]
+    np.testing.assert_array_equal(again.label("axial")[:], ref.label("axial")[:])
+
+
+def _canonical_pair(volume: Volume):
+    from data.volume import to_canonical
+
+    canon, _ = to_canonical(volume)
+    return canon, (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
