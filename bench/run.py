@@ -24,8 +24,6 @@ and ``DIR/bench.md``. A section that fails is recorded with its error and the ot
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 import traceback
@@ -36,71 +34,15 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import _loadavg, machine_info  # noqa: E402,F401 -- re-exported
+from bench.run_report import (  # noqa: E402,F401 -- re-exported
+    INFERENCE_CONFIGS,
+    SECTIONS,
+    _describe_preset,
+    format_markdown,
+    summary_rows,
+)
 from utils.errors import InputError, run_cli  # noqa: E402
-
-SECTIONS = ("loader", "train", "semi", "inference")
-INFERENCE_CONFIGS = ("axial", "fused")
-
-
-# ----------------------------------------------------------------------------------------------
-# Machine description
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_total_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on.
-
-    Returns:
-        ``cpu_model``, ``cores`` (logical CPUs), ``usable_cores`` (this process's affinity),
-        ``mem_total_gb``, ``python``, ``platform``, ``torch``, ``cuda`` (torch's CUDA version or None),
-        ``gpus`` (device names), ``load_avg`` (1, 5, 15 min).
-    """
-    import torch
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
-    return {
-        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
-        "mem_total_gb": _mem_total_gb(), "python": platform.python_version(),
-        "platform": platform.platform(terse=True), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "gpus": gpus, "load_avg": _loadavg(),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets
 
 
 def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str, dict[str, Any]]:
@@ -387,198 +329,6 @@ def _ru_maxrss_mb() -> float | None:
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-
-
-def _describe_preset(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                     for k, v in kwargs.items())
-
-
-# ----------------------------------------------------------------------------------------------
-# Formatting
-
-
-def _f(v: Any, fmt: str = ".2f", unit: str = "") -> str:
-    if v is None:
-        return "n/a"
-    try:
-        return f"{v:{fmt}}{unit}"
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _volume_name(shape: Any) -> str:
-    """numpy (slices, rows, columns) -> 'columns x rows x slices', the way CT sizes are quoted."""
-    if not shape or len(shape) != 3:
-        return "volume"
-    return f"{shape[2]}x{shape[1]}x{shape[0]}"
-
-
-def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) -> list[tuple[str, str, str]]:
-    """The headline numbers as ``(section, measure, value)`` rows (missing values are skipped).
-
-    Args:
-        results: section -> result dict (as in ``bench.json``'s ``results``).
-        gpu: show GPU-only rows (fraction of peak); None: when the train result has a peak.
-
-    Returns:
-        Rows in section order; a failed section gives one ``error`` row.
-    """
-    rows: list[tuple[str, str, str]] = []
-    for name in SECTIONS:
-        r = results.get(name)
-        if r is None:
-            continue
-        if "error" in r:
-            rows.append((name, "error", str(r["error"])))
-            continue
-        if name == "loader":
-            rows += [
-                (name, "slice cache, samples/s (1 core)", _f(r.get("cache_samples_per_s"), ".1f")),
-                (name, "per-sample NIfTI decode (original), samples/s", _f(r.get("original_samples_per_s"))),
-                (name, "cache / per-sample decode", _f(r.get("speedup"), ".1f", "x")),
-                (name, f"cache build, s ({r.get('volumes')} volumes, once)", _f(r.get("cache_build_s"))),
-            ]
-        elif name == "train":
-            setting = (f"width {r.get('width')}, {r.get('norm')} norm, {r.get('size')}x{r.get('size')}, "
-                       f"batch {r.get('batch')}, "
-                       f"{'fp32' if r.get('amp') == 'off' else r.get('amp')}"
-                       f"{', channels_last' if r.get('channels_last') else ''}")
-            rows += [
-                (name, f"supervised step, slices/s ({setting})", _f(r.get("slices_per_s"), ".1f")),
-                (name, "supervised step, s (median)", _f(r.get("s_per_step"), ".3f")),
-                (name, "training FLOPs per slice (fwd + bwd)",
-                 _f((r.get("train_flops_per_slice") or 0) / 1e9, ".2f", " G")),
-                (name, "forward FLOPs per slice", _f((r.get("fwd_flops_per_slice") or 0) / 1e9, ".2f", " G")),
-            ]
-            rows += _old_new_train_rows(r.get("old_vs_new"))
-            show_peak = r.get("peak_tflops") is not None if gpu is None else gpu
-            if show_peak:
-                frac = r.get("frac_peak")
-                rows.append((name, "achieved TFLOP/s (fraction of dense bf16 peak)",
-                             f"{_f(r.get('achieved_tflops'), '.1f')} "
-                             f"({_f(None if frac is None else 100 * frac, '.1f', '%')} of "
-                             f"{_f(r.get('peak_tflops'), '.0f')})"))
-        elif name == "semi":
-            u = r.get("unlabeled_batch")
-            rows += [
-                (name, f"supervised step, slices/s (batch {r.get('batch')})",
-                 _f(r.get("sup_slices_per_s"), ".1f")),
-                (name, f"semi step, slices/s (batch {r.get('batch')} + {u} + {u} unlabeled)",
-                 _f(r.get("semi_slices_per_s"), ".1f")),
-                (name, "semi / supervised step time", _f(r.get("time_ratio"), ".2f", "x")),
-                (name, "semi / supervised training FLOPs", _f(r.get("flop_ratio"), ".2f", "x")),
-            ]
-        elif name == "inference":
-            vol = _volume_name(r.get("shape"))
-            for cfg in INFERENCE_CONFIGS:
-                label = "axial model" if cfg == "axial" else "3 views fused"
-                if f"{cfg}_s" not in r:
-                    continue
-                est = ""
-                if cfg == "fused" and r.get("fused_scale"):
-                    est = (f"; whole slices, measured on {_volume_name(r.get('fused_measured_shape'))}"
-                           f" x {r['fused_scale']:g}")
-                rows.append((name, f"{label}, s per {vol} volume (no I/O{est})",
-                             _f(r.get(f"{cfg}_s"), ".2f")))
-                if f"{cfg}_io_s" in r:
-                    rows.append((name, f"{label}, s per volume with NIfTI read + write"
-                                 + (" (axial I/O time added)" if est else ""),
-                                 _f(r.get(f"{cfg}_io_s"), ".2f")))
-                on = f" (on {_volume_name(r.get('fused_measured_shape'))})" if est else ""
-                rows.append((name, f"{label}, peak RSS above start, MB{on}",
-                             _f(r.get(f"{cfg}_peak_rss_mb"), ".0f")))
-        if name == "inference":
-            rows += _old_new_inference_rows(r.get("old_vs_new"))
-        mem = f"{_f(r.get('section_peak_rss_mb'), '.0f')} MB RSS"
-        if r.get("cuda_peak_mb") is not None:
-            mem += f", {_f(r.get('cuda_peak_mb'), '.0f')} MB CUDA"
-        rows.append((name, "section peak memory", mem))
-    return rows
-
-
-def _old_new_train_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    if not c:
-        return []
-    rows = []
-    for name in ("old", "new"):
-        o = c[name]
-        kernel = "InstanceNorm2d" if o.get("norm_kernel") == "instancenorm2d" else "GroupNorm(C, C)"
-        rows.append(("train", f"{name}: {kernel}, {o['size']}x{o['size']}, batch {o['batch']}, "
-                     "slices/s; megapixels/s",
-                     f"{_f(o.get('slices_per_s'), '.1f')}; {_f(o.get('megapixels_per_s'), '.3f')}"))
-    rows.append(("train", "new / old, slices/s; megapixels/s (same run, steps alternating)",
-                 f"{_f(c.get('slices_ratio'), '.2f', 'x')}; {_f(c.get('megapixels_ratio'), '.2f', 'x')}"))
-    return rows
-
-
-def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    if not c:
-        return []
-    vol = _volume_name(c.get("shape"))
-
-    def cell(r: dict[str, Any]) -> str:
-        return f"{_f(r.get('axial_s'), '.2f')} (CPU {_f(r.get('axial_cpu_s'), '.1f')} s)"
-
-    rows = [
-        ("inference", f"old: axial, InstanceNorm2d, contiguous, batch {c['old'].get('batch', 16)}, "
-         f"s per {vol} (no I/O)", cell(c["old"])),
-        ("inference", f"new: axial, GroupNorm(C, C), channels_last, batch {c['new'].get('batch', 16)}, "
-         f"s per {vol} (no I/O)", cell(c["new"])),
-        ("inference", "old / new time (same run, one after the other)", _f(c.get("ratio"), ".2f", "x")),
-    ]
-    if "new_small_batch" in c:
-        rows += [
-            ("inference", f"new, batch {c['new_small_batch'].get('batch')}: s per {vol} (no I/O)",
-             cell(c["new_small_batch"])),
-            ("inference", f"old / new at batch {c['new_small_batch'].get('batch')} time",
-             _f(c.get("ratio_small_batch"), ".2f", "x")),
-        ]
-    return rows
-
-
-def _load(v: Any) -> str:
-    return "n/a" if not v else " / ".join(f"{x:.2f}" for x in v)
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """``bench.md``: machine table, headline numbers, per-section settings and timings.
-
-    Args:
-        report: the dict :func:`run_all` returns (``machine``, ``results``, ``presets``...).
-
-    Returns:
-        Markdown text.
-    """
-    m = report.get("machine", {})
-    results = report.get("results", {})
-    gpu = str(report.get("device", "cpu")).startswith("cuda")
-    lines = ["# UniMOS benchmarks" + (" (--quick)" if report.get("quick") else ""), "",
-             "| machine | |", "|---|---|",
-             f"| CPU | {m.get('cpu_model', 'n/a')} |",
-             f"| cores (usable) | {m.get('cores', 'n/a')} ({m.get('usable_cores', 'n/a')}) |",
-             f"| memory | {_f(m.get('mem_total_gb'), '.1f', ' GB')} |",
-             f"| GPU | {', '.join(m.get('gpus') or []) or 'none'} |",
-             f"| torch / CUDA | {m.get('torch', 'n/a')} / {m.get('cuda') or 'none'} |",
-             f"| python / OS | {m.get('python', 'n/a')} / {m.get('platform', 'n/a')} |",
-             f"| device used, torch threads | {report.get('device_name', report.get('device', 'n/a'))}, "
-             f"{report.get('threads')} |",
-             f"| load average 1/5/15 min, start | {_load(m.get('load_avg'))} |",
-             f"| load average 1/5/15 min, end | {_load(report.get('load_avg_end'))} |",
-             f"| total time | {_f(report.get('seconds'), '.0f', ' s')} |", "",
-             "The machine may be shared: compare the load averages with the core count before trusting "
-             "a number.", "",
-             "| section | measure | value |", "|---|---|---|"]
-    lines += [f"| {s} | {measure} | {value} |" for s, measure, value in summary_rows(results, gpu)]
-    lines += ["", "| section | settings | time | load average at start / end (1 min) |", "|---|---|---|---|"]
-    for name in SECTIONS:
-        if name not in results:
-            continue
-        r = results[name]
-        la0, la1 = r.get("load_avg_start") or [None], r.get("load_avg_end") or [None]
-        lines.append(f"| {name} | {_describe_preset(report.get('presets', {}).get(name, {}))} | "
-                     f"{_f(r.get('section_s'), '.1f', ' s')} | {_f(la0[0])} / {_f(la1[0])} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
