@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled-batch", type=int, default=2,
                    help="unlabeled slices per step and view (weak/strong pairs: twice this)")
     p.add_argument("--semi", action=argparse.BooleanOptionalAction, default=True,
-                   help="semi-supervised module (Final.py's defaults: warm-up, ramp-up, EMA teacher)")
+                   help="semi-supervised module (Final.py's defaults but for the warm-up)")
+    # Longer than Final.py's 0.3: in runs this short the student still improves fast when the
+    # pseudo-labels start, and the module slowed it (README: the ablation and the demo trials)
+    p.add_argument("--semi-warmup", type=float, default=0.6,
+                   help="supervised-only share of the training (Final.py --semi-warmup)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     # The slice cache serves a batch in ~1 ms: a loader process only takes CPU time from the two
     # compute threads on a 2-core machine.
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--steps-per-epoch", str(args.steps_per_epoch), "--schedule", "poly",
                  "--val-every", str(args.val_every), "--device", args.device,
                  "--workers", str(args.workers), "--seed", str(args.seed),
-                 "--unlabeled-batchsize", str(args.unlabeled_batch),
+                 "--unlabeled-batchsize", str(args.unlabeled_batch), "--semi-warmup", str(args.semi_warmup),
                  "--semi" if args.semi else "--no-semi"]
     if args.blocks:
         train_cmd += ["--blocks", args.blocks]

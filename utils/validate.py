@@ -356,7 +356,7 @@ DEMO_RANGES = {"cases": Range(low=1), "unlabeled": Range(low=0), "val": Range(lo
                "seed": Range(low=0, high=2**32 - 1), "size": Range(low=16, high=16384, multiple=16),
                "block": Range(low=16, high=16384, multiple=16), "width": Range(low=1, high=4096),
                "batch": Range(low=1), "epochs": Range(low=1), "steps_per_epoch": Range(low=1),
-               "val_every": Range(low=1), "unlabeled_batch": Range(low=0),
+               "val_every": Range(low=1), "unlabeled_batch": Range(low=0), "semi_warmup": Range(low=0),
                "workers": Range(low=0, high=256)}
 
 
