@@ -125,11 +125,11 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     import numpy as np
     import torch
 
-    from bench.train_step import NORM_KERNELS, to_instance_norm2d
+    from bench.train_step import NORM_KERNELS
     from data.config import load_config
-    from data.volume import Geometry, Volume, read_volume, write_volume
-    from inference.segment import LoadedModel, resolve_device, segment_volume
-    from models import DEFAULT_NORM, build_model
+    from data.volume import Geometry, Volume
+    from inference.segment import resolve_device, segment_volume
+    from models import DEFAULT_NORM
 
     bad = [c for c in configs if c not in ("axial", "fused")]
     if bad:
@@ -146,17 +146,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     norm = norm or DEFAULT_NORM
     model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width, "norm": norm}
 
-    def make(view: str) -> LoadedModel:
-        model = build_model(model_args).eval()
-        if norm_kernel == "instancenorm2d":
-            to_instance_norm2d(model)
-        model = model.to(dev)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return LoadedModel(model=model, config=config, view=view, slices=slices, block=block,
-                           organs=config.organs, path=Path(f"<random {view}>"), model_args=model_args)
-
-    models = {v: make(v) for v in VIEWS3}
+    models = _random_models(model_args, config, block, dev, norm_kernel, channels_last)
     geo = Geometry(shape, (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
     volume = Volume(_phantom(shape, seed), geo)
     kwargs = dict(batch=batch, device=dev, amp=amp, tile=tile)
@@ -173,6 +163,45 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     result: dict[str, Any] = {"width": width, "norm": norm, "norm_kernel": norm_kernel,
                               "channels_last": channels_last, "shape": list(shape), "block": block,
                               "tile": tile, "batch": batch, "slices": slices, "amp": amp}
+    result.update(_time_configs(configs, models, volume, io, sync, kwargs))
+    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["device"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                        else f"cpu ({torch.get_num_threads()} threads)")
+    result["voxels"] = int(np.prod(shape))
+    return result
+
+
+
+def _random_models(model_args: dict[str, Any], config: Any, block: int, dev: Any, norm_kernel: str,
+                   channels_last: bool) -> dict[str, Any]:
+    """One randomly initialised network per view, as inference would load it."""
+    import torch
+
+    from bench.train_step import to_instance_norm2d
+    from inference.segment import LoadedModel
+    from models import build_model
+
+    def make(view: str) -> LoadedModel:
+        model = build_model(model_args).eval()
+        if norm_kernel == "instancenorm2d":
+            to_instance_norm2d(model)
+        model = model.to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return LoadedModel(model=model, config=config, view=view, slices=model_args["in_channels"],
+                           block=block, organs=config.organs, path=Path(f"<random {view}>"),
+                           model_args=model_args)
+
+    return {v: make(v) for v in VIEWS3}
+
+
+def _time_configs(configs: tuple[str, ...], models: dict[str, Any], volume: Any, io: bool,
+                  sync: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Seconds, CPU seconds and peak RSS of each configuration, without and with NIfTI I/O."""
+    from data.volume import read_volume, write_volume
+    from inference.segment import segment_volume
+
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         if io:
@@ -194,10 +223,6 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
                     sync()
                     result[f"{name}_io_s"] = time.perf_counter() - t0
                 result[f"{name}_io_peak_rss_mb"] = mem.peak_mb
-    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["device"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                        else f"cpu ({torch.get_num_threads()} threads)")
-    result["voxels"] = int(np.prod(shape))
     return result
 
 
