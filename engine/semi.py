@@ -213,10 +213,7 @@ def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tenso
 def _masked_pseudo_label(logits: Tensor, batch: UnlabeledBatch, mode: str) -> tuple[Tensor, Tensor]:
     """:func:`pseudo_label` with the batch's padding (``valid`` False) set to the ignore label, conf 0."""
     pseudo, conf = pseudo_label(logits, batch.labeled_mask, mode)
-    valid = getattr(batch, "valid", None)
-    if valid is None:
-        return pseudo, conf
-    valid = valid.to(device=pseudo.device, dtype=torch.bool)
+    valid = batch.valid.to(device=pseudo.device, dtype=torch.bool)
     return torch.where(valid, pseudo, IGNORE_INDEX), torch.where(valid, conf, 0.0)
 
 

@@ -255,6 +255,11 @@ class Trainer:
         return o.lr * lr_factor(o.schedule, step, self.total_steps, self.spe, o.lr_decay, o.lr_decay_every,
                                 o.warmup_steps)
 
+    @property
+    def teacher(self) -> Any:
+        """The EMA teacher (``--teacher ema`` with unlabeled data), or None."""
+        return self.semi_parts.teacher if self.semi_parts is not None else None
+
     def train_step(self) -> None:
         """One optimizer step at ``self.step`` (supervised, or semi-supervised after the warm-up)."""
         opts, step = self.opts, self.step
@@ -262,7 +267,7 @@ class Trainer:
         for g in self.net.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
         batch = next(self.lab_iter).to(self.device, non_blocking=self.pin)
-        teacher = self.semi_parts.teacher if self.semi_parts is not None else None
+        teacher = self.teacher
         if teacher is not None and step == self.semi_from:
             # The EMA of the warm-up is an average over weights from random ones onwards: ~100 steps
             # behind (momentum 0.99), it validated at 0.22 where the student had 0.63 when the
@@ -276,8 +281,8 @@ class Trainer:
             self.slices_seen += batch.image.shape[0]
         net = self.net
         steps.apply_update(losses["loss"], self.model, net.optimizer, net.scaler, opts.clip_grad, step)
-        if self.semi_parts is not None and self.semi_parts.teacher is not None:
-            self.semi_parts.teacher.update(unwrap(self.model))
+        if teacher is not None:
+            teacher.update(unwrap(self.model))
         self.meter.add(losses)
         self.step += 1
 
@@ -334,7 +339,7 @@ class Trainer:
                                      batch=self.opts.val_batch, dist=self.dist)
             columns = {f"val/{k}": v for k, v in self.last_val.items()}
             score, candidate = self.last_val["score"], "student"
-            teacher = self.semi_parts.teacher if self.semi_parts is not None else None
+            teacher = self.teacher
             if teacher is not None:
                 # the mean teacher is often the better model: validated beside the student, and the
                 # better of the two is what resu_best serves to segment.py
@@ -386,12 +391,12 @@ class Trainer:
             epoch=self.step // self.spe, step=self.step, best_score=float(self.best_score), args=args,
             optimizer=self.net.optimizer.state_dict(),
             scaler=scaler.state_dict() if scaler.is_enabled() else None,
-            ema=parts.teacher.state_dict() if parts is not None and parts.teacher is not None else None,
+            ema=self.teacher.state_dict() if self.teacher is not None else None,
             semi_state={"thresholds": parts.thresholds.state_dict()} if parts is not None else None,
             loop={"meter": self.meter.state_dict(), "pending_end": pending, "elapsed_s": self.seconds(),
                   "served": self.served})
-        if kind == "best" and self.served == "ema" and parts is not None and parts.teacher is not None:
-            ckpt.student_model, ckpt.model = ckpt.model, parts.teacher.module.state_dict()
+        if kind == "best" and self.served == "ema" and self.teacher is not None:
+            ckpt.student_model, ckpt.model = ckpt.model, self.teacher.module.state_dict()
             ckpt.served = "ema"
         ckpt.save(self.out / (best_name(self.opts.view) if kind == "best" else last_name(self.opts.view)))
 
