@@ -14,6 +14,7 @@ inference/segment.py has its own 2.5D loop (sliding windows, multi-view fusion, 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -71,8 +72,19 @@ def predict_view_stack(model: nn.Module, stack: np.ndarray, slices: int, device:
         logits = logits[..., :h, :w].float()
         if mask_t is not None:
             logits = merge_log_probs(logits, mask_t.expand(logits.shape[0], -1))
-        out[centres] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        # max(1).indices, not argmax(1): the same first-maximum indices, but PyTorch's CPU argmax over
+        # the channel axis of a (B, C, H, W) tensor is ~30x slower (a quarter of a validation's time)
+        out[centres] = logits.max(1).indices.to(torch.uint8).cpu().numpy()
     return out
+
+
+def _inference_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """The network to validate with: on the CPU a channels_last copy (oneDNN's convolutions and the
+    GroupNorm instance norm run ~1.3x faster in that layout at inference, while a training step is
+    faster contiguous, so the trained weights keep their layout); elsewhere ``model`` itself."""
+    if device.type != "cpu" or next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, classes: list[int]) -> dict[int, float]:
@@ -105,13 +117,14 @@ def validate(model: nn.Module, volumes: list, config: Config, view: str, slices:
     dist = dist or DistInfo()
     was_training = model.training
     model.eval()
+    net = _inference_copy(model, device)
     rows: list[tuple[str, str, float]] = []
     for i, vol in enumerate(volumes):
         if i % dist.world != dist.rank:
             continue
         ds = config.dataset(vol.dataset)
         mask = config.labeled_mask(ds)
-        pred = predict_view_stack(model, vol.image(view), slices, device, amp_dtype, batch,
+        pred = predict_view_stack(net, vol.image(view), slices, device, amp_dtype, batch,
                                   labeled_mask=None if mask.all() else mask)
         classes = [c for c in config.labeled_classes(ds) if c > 0]
         for c, d in dice_per_class(pred, np.asarray(vol.label(view)), classes).items():

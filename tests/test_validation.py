@@ -32,3 +32,32 @@ def test_predict_view_stack_pads_crops_and_merges(one_thread):
     assert set(np.unique(merged)) <= {0, 2}  # unlabeled organs merge into background
     # merged organ 2 beats background + organs 1 and 3 together, so it also beat each of them alone
     assert not (merged == 2)[full != 2].any()
+
+
+
+def test_validate_matches_a_plain_argmax_and_leaves_the_model_as_it_was(one_thread):
+    """validate() predicts with a channels_last copy on the CPU and max().indices: the labels of the
+    plain forward + argmax (Dice 1 against them), and the trained model keeps its layout and mode."""
+    from types import SimpleNamespace
+
+    from data.config import load_config
+    from engine.validation import validate
+
+    torch.manual_seed(0)
+    cfg = load_config()
+    model = MOSNet(3, 4, 4, norm=DEFAULT_NORM)
+    image = np.random.default_rng(0).uniform(-1, 1, size=(6, 32, 48)).astype(np.float32)
+    with torch.no_grad():
+        x = torch.from_numpy(image[np.clip(np.arange(6)[:, None] + np.array([-1, 0, 1]), 0, 5)])
+        ref = model.eval()(x).logits.argmax(1).numpy().astype(np.uint8)
+    model.train()
+    got = predict_view_stack(model.eval(), image, 3, torch.device("cpu"), batch=4)
+    np.testing.assert_array_equal(got, ref)
+    model.train()
+    full = next(d for d in cfg.datasets if cfg.labeled_mask(d).all())  # BTCV: no merging
+    vol = SimpleNamespace(dataset=full.name, image=lambda view: image, label=lambda view: ref)
+    scores = validate(model, [vol], cfg, "axial", 3, torch.device("cpu"), batch=4)
+    present = {int(c) for c in np.unique(ref) if c > 0}
+    assert present and all(scores[f"{full.name}/{cfg.organs[c - 1]}"] == 1.0 for c in present)
+    assert model.training
+    assert not model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
