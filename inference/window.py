@@ -128,7 +128,8 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
         amp: bf16 autocast on CUDA.
         progress: a tqdm-like object updated once per batch, or None.
         tile: sliding-window tile size; 0 = never tile (whole slices, padded to a multiple of 16);
-            None = whole slices up to twice the training block per side, tiles of the block beyond.
+            None = whole slices up to the area of a square of twice the training block, tiles of
+            the block beyond.
     """
     model = loaded.model
     if device is None:
@@ -141,7 +142,10 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
         # The network is fully convolutional with adaptive pooling and validation scores whole
         # slices, so whole slices are both faster (no overlap) and what the best checkpoint was
         # chosen on; only much larger slices are tiled, to bound activation memory.
-        tile = 0 if max(h, w) <= 2 * loaded.block else loaded.block
+        # The bound is on the area (activation memory), not the longer side: coronal and sagittal
+        # slices of a long scan are tall and narrow (S-I resampled to the in-plane spacing), and
+        # tiling a 625 x 256 slice with 224 tiles at half stride computed 3x its pixels.
+        tile = 0 if h * w <= (2 * loaded.block) ** 2 else loaded.block
     block = tile
     if block <= 0:  # whole slices: one tile, the slice padded to a multiple of 16
         block = tile_size(max(h, w), 10**9)

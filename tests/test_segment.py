@@ -115,6 +115,22 @@ def test_predict_stack_blending_is_normalised(tile):
         np.testing.assert_allclose(first[:, 0], ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, tiled", [((80, 12), False), ((40, 40), True)])
+def test_default_tiling_bounds_the_slice_area(shape, tiled):
+    """tile=None: whole slices up to (2 x block)^2 pixels, however tall and narrow (a coronal slice of
+    a long scan), tiles of the block beyond."""
+    from inference.segment import predict_stack
+
+    cfg = load_config()
+    stack = np.random.default_rng(1).uniform(-1, 1, (3, *shape)).astype(np.float32)
+    lm = loaded(ConvModel(), cfg, "axial", block=16)  # (2 x 16)^2 = 1024 pixels
+    got, whole, tiles = (np.zeros((4, 3, *shape), np.float32) for _ in range(3))
+    for out, tile in ((got, None), (whole, 0), (tiles, 16)):
+        predict_stack(lm, stack, out, batch=2, device=torch.device("cpu"), tile=tile)
+    assert not np.allclose(whole, tiles, atol=1e-4)  # the two ways differ: the test can tell them apart
+    np.testing.assert_array_equal(got, tiles if tiled else whole)
+
+
 def test_probabilities_to_labels_matches_resample_axis():
     from data.resample import resample_axis
 
