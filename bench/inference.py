@@ -1,11 +1,12 @@
 """Benchmark of whole-volume inference: seconds per CT volume and peak memory.
 
     python bench/inference.py [--width W] [--device auto|cpu|cuda] [--shape 200,256,256]
-                              [--configs axial,fused] [--block 224] [--tile N] [--batch 16]
+                              [--configs axial,fused] [--block 224] [--tile N] [--batch N]
                               [--no-io] [--threads 2]
 
 A random-init MOSNet (width 16 on the CPU, 64 on a GPU by default) segments a synthetic int16 CT of
-``--shape`` (numpy order: slices, rows, columns; spacing 0.8 x 0.8 x 2.5 mm): ``axial`` = one axial
+``--shape`` (numpy order: slices, rows, columns; a 384 mm field of view in-plane, as an abdominal CT,
+and 2.5 mm slices; 1.5 mm pixels at 256 x 256): ``axial`` = one axial
 model, ``fused`` = axial + coronal + sagittal models fused. Each configuration is timed without I/O
 (``segment_volume`` on an in-memory volume) and with I/O (read the .nii.gz, segment, write the
 .nii.gz). Peak RSS above the pre-call level is sampled from /proc during each call; ru_maxrss is the
@@ -31,6 +32,7 @@ if __package__ in (None, ""):
 from utils.errors import InputError, run_cli  # noqa: E402
 
 VIEWS3 = ("axial", "coronal", "sagittal")
+FOV_MM, SLICE_MM = 384.0, 2.5  # the synthetic CT's in-plane field of view and slice spacing
 
 
 def _rss_mb() -> float:
@@ -88,7 +90,7 @@ def _phantom(shape: tuple[int, int, int], seed: int):
 
 def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, int] = (200, 256, 256),
         configs: tuple[str, ...] = ("axial", "fused"), block: int = 224, tile: int | None = None,
-        batch: int = 16, slices: int = 3, io: bool = True, threads: int | None = None,
+        batch: int | None = None, slices: int = 3, io: bool = True, threads: int | None = None,
         amp: bool | None = None, seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm",
         channels_last: bool = False) -> dict[str, Any]:
     """Time inference of one synthetic volume per configuration, with and without NIfTI I/O.
@@ -99,7 +101,8 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
         shape: numpy shape (slices, rows, columns).
         configs: ``axial`` (one model) and/or ``fused`` (three views).
         block, tile: the fake checkpoint's training block and the tile override (0 = whole slices).
-        batch, slices: slices per forward pass, 2.5D input slices.
+        batch, slices: slices per forward pass (None: ``segment.py``'s default for the device), 2.5D
+            input slices.
         io: also time read + segment + write of a .nii.gz.
         threads: ``torch.set_num_threads`` (CPU); None leaves it.
         amp: bf16 autocast on CUDA (default on there).
@@ -128,7 +131,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     from bench.train_step import NORM_KERNELS
     from data.config import load_config
     from data.volume import Geometry, Volume
-    from inference.segment import resolve_device, segment_volume
+    from inference.segment import default_batch, resolve_device, segment_volume
     from models import DEFAULT_NORM
 
     bad = [c for c in configs if c not in ("axial", "fused")]
@@ -147,8 +150,11 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width, "norm": norm}
 
     models = _random_models(model_args, config, block, dev, norm_kernel, channels_last)
-    geo = Geometry(shape, (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
+    # The coronal and sagittal stacks resample S-I to the in-plane spacing: with the 0.8 mm pixels of a
+    # 205 mm field of view (this benchmark before) their slices were 625 x 256 instead of ~333 x 256.
+    geo = Geometry(shape, (FOV_MM / shape[2], FOV_MM / shape[1], SLICE_MM), (0.0, 0.0, 0.0))
     volume = Volume(_phantom(shape, seed), geo)
+    batch = default_batch(dev) if batch is None else batch
     kwargs = dict(batch=batch, device=dev, amp=amp, tile=tile)
 
     def sync() -> None:
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="axial,fused")
     ap.add_argument("--block", type=int, default=224)
     ap.add_argument("--tile", type=int, default=None, help="0 = whole slices")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="default: segment.py's (2 on a CPU, 16 on a GPU)")
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--no-io", action="store_true")
     ap.add_argument("--no-amp", action="store_true")

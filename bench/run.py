@@ -98,7 +98,7 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
                  "steps": 8, "warmup": 2, "threads": threads},
         # Three fused views of 200 slices take 5-10 min of a 2-core CPU: the fused number is measured on
         # 40 slices (whole-slice inference) and scaled to 200 (the cost is linear in the slice count).
-        "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": 16, "threads": threads,
+        "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": None, "threads": threads,
                       "fused_slices": 40},
         # Old vs new settings, measured side by side in the same run (train: steps alternate):
         # old = InstanceNorm2d kernel, 128x128 crops (the demo preset before the change);
