@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices per forward pass (default: 2 on a CPU, 16 on a GPU)")
     p.add_argument("--tile", type=int, default=None,
                    help="in-plane sliding-window size (0 or a multiple of 16); 0 = whole slices; default: "
-                        "whole slices up to the area of a square of twice the training block, tiles of the block beyond")
+                        "whole slices up to the area of a square of twice the training block, tiles of "
+                        "the block beyond")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: largest per organ, kidneys 2)")
