@@ -1,7 +1,7 @@
 """Write synthetic abdominal CT phantoms in the seed layout (UniMOS's default data, no download).
 
     python synth.py --out DIR [--cases N] [--unlabeled U] [--val V] [--seed S]
-                    [--datasets LiTS,KiTS,MSDSpleen,BTCV] [--scale F]
+                    [--datasets LiTS,KiTS,MSDSpleen,BTCV] [--scale F] [--workers W]
 
 Each dataset goes to DIR/<Dataset>/ with label/, labeled/, unlabeled/ and validation/ (BTCV, the
 fully labeled set, has no unlabeled/), imitating the real datasets' file names, grids, storage
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated datasets")
     p.add_argument("--scale", type=float, default=1.0,
                    help="in-plane size factor, e.g. 0.5 gives 256 instead of 512")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="datasets written side by side by this many processes (same bytes for any count)")
     return p
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     result = synthesize(args.out, cases=args.cases, unlabeled=args.unlabeled, val=args.val,
-                        seed=args.seed, datasets=names, scale=args.scale, log=print)
+                        seed=args.seed, datasets=names, scale=args.scale, log=print, workers=args.workers)
     print(f"synthesized {len(result['datasets'])} dataset(s) in {result['seconds']:.1f} s")
     return 0
 

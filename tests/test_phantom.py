@@ -258,7 +258,11 @@ def test_labels_load_with_the_default_config(synth_root):
 
 
 def test_same_seed_writes_identical_files(synth_root, tmp_path):
-    P.synthesize(tmp_path, seed=SEED, scale=SCALE, datasets=["KiTS", "MSDSpleen"], **COUNTS)
+    # synth_root was written by one process; two worker processes write the same bytes
+    lines: list[str] = []
+    P.synthesize(tmp_path, seed=SEED, scale=SCALE, datasets=["KiTS", "MSDSpleen"], workers=2,
+                 log=lines.append, **COUNTS)
+    assert [ln.split(":")[0] for ln in lines] == ["KiTS", "MSDSpleen"]  # logged in the given order
     for name in ("KiTS", "MSDSpleen"):
         for rel in (synth_root / name).rglob("*.nii*"):
             again = tmp_path / rel.relative_to(synth_root)
@@ -372,3 +376,37 @@ def test_body_tight_crop_is_non_square_and_holds_the_whole_body(seed):
     assert (image.array[:, 0, 0] == P.PADDING_HU).mean() < 0.5  # noisy air, not the padding value
     same, _ = P.make_phantom(np.random.default_rng(seed), spec)
     assert same.array.tobytes() == image.array.tobytes()  # seeded determinism
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc")
+def test_killed_worker_exits_2_with_one_line(tmp_path):
+    """A phantom worker killed mid-run: one line, exit code 2, no traceback (a rerun then works)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(repo / "synth.py"), "--out", str(tmp_path / "p"),
+           "--datasets", "KiTS,MSDSpleen", "--cases", "4", "--unlabeled", "0", "--val", "0",
+           "--scale", str(SCALE), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = False, time.time() + 30
+    while not killed and time.time() < deadline and proc.poll() is None:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        # the pool's workers (the first child may be multiprocessing's resource tracker)
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                os.kill(int(pid), signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert killed
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "worker process died" in lines[0], err
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -83,4 +84,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenProcessPool:
+        # a pool worker (resampling, cache building, phantoms) was killed or ran out of memory: what
+        # it was writing is a temporary file that the next run cleans up
+        print("error: a worker process died (killed or out of memory); run the command again",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     sys.exit(int(code or 0))

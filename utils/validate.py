@@ -332,7 +332,7 @@ def validate_evaluate_args(args: Any) -> None:
 
 SYNTH_RANGES = {"cases": Range(low=1, high=10000), "unlabeled": Range(low=0, high=10000),
                 "val": Range(low=0, high=10000), "seed": Range(low=0, high=2**32 - 1),
-                "scale": Range(low=0, low_open=True, high=8)}
+                "scale": Range(low=0, low_open=True, high=8), "workers": Range(low=1, high=256)}
 
 
 def validate_synth_args(args: Any) -> None:

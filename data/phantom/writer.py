@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +196,36 @@ def _check_writable(out: Path) -> None:
     os.unlink(probe)
 
 
+def _write_datasets(out: Path, names: list[str], settings: tuple, workers: int) -> Iterator[tuple[str, dict]]:
+    """``(name, write_dataset summary)`` in the order of ``names``; by ``workers`` processes when > 1.
+
+    An error in a worker (an InputError) is re-raised here after the running datasets finish; a
+    worker that dies (killed, out of memory) becomes an InputError naming the output folder.
+    """
+    if workers <= 1 or len(names) <= 1:
+        for name in names:
+            yield name, write_dataset(out, name, *settings)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: SimpleITK's thread pool does not survive fork reliably (as resample.py's workers)
+    spawn = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(names)), mp_context=spawn) as pool:
+        futures = [pool.submit(write_dataset, out, name, *settings) for name in names]
+        for name, future in zip(names, futures):
+            try:
+                summary = future.result()
+            except BrokenProcessPool:
+                raise InputError(out, "a phantom worker process died (killed or out of memory); "
+                                 "run synth.py again") from None
+            yield name, summary
+
+
 def synthesize(out: str | Path, cases: int = 4, unlabeled: int = 4, val: int = 2, seed: int = 0,
                datasets: Sequence[str] | None = None, scale: float = 1.0,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, workers: int = 1) -> dict[str, Any]:
     """Write the phantom datasets under ``out`` (the default data of UniMOS).
 
     Args:
@@ -208,7 +235,9 @@ def synthesize(out: str | Path, cases: int = 4, unlabeled: int = 4, val: int = 2
         seed: non-negative seed; the same seed gives byte-identical volumes.
         datasets: names from :data:`DATASET_STYLES` (default: all).
         scale: in-plane size factor (0.5: 256 instead of 512), for tests.
-        log: called with one summary line per dataset.
+        log: called with one summary line per dataset (in the order of ``datasets``).
+        workers: datasets written side by side by this many processes (each case has its own seed,
+            so the files are the same bytes for any count).
 
     Returns:
         ``{"out", "seed", "scale", "seconds", "datasets": {name: summary}}``.
@@ -233,8 +262,7 @@ def synthesize(out: str | Path, cases: int = 4, unlabeled: int = 4, val: int = 2
         _claim_folder(out / name)
     t0 = time.time()
     result: dict[str, Any] = {"out": str(out), "seed": seed, "scale": scale, "datasets": {}}
-    for name in names:
-        summary = write_dataset(out, name, cases, unlabeled, val, seed, scale)
+    for name, summary in _write_datasets(out, names, (cases, unlabeled, val, seed, scale), workers):
         result["datasets"][name] = summary
         if log is not None:
             log(describe(name, summary))
