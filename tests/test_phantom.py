@@ -380,32 +380,35 @@ def test_body_tight_crop_is_non_square_and_holds_the_whole_body(seed):
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc")
 def test_killed_worker_exits_2_with_one_line(tmp_path):
-    """A phantom worker killed mid-run: one line, exit code 2, no traceback (a rerun then works)."""
+    """A phantom worker killed while writing: one line, exit code 2, no traceback; a rerun works."""
     import signal
     import subprocess
     import sys
     import time
 
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, str(repo / "synth.py"), "--out", str(tmp_path / "p"),
-           "--datasets", "KiTS,MSDSpleen", "--cases", "4", "--unlabeled", "0", "--val", "0",
-           "--scale", str(SCALE), "--workers", "2"]
+    out = tmp_path / "p"
+    cmd = [sys.executable, str(repo / "synth.py"), "--out", str(out), "--datasets", "KiTS,MSDSpleen",
+           "--cases", "8", "--unlabeled", "0", "--val", "0", "--scale", "0.5", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed, deadline = False, time.time() + 30
-    while not killed and time.time() < deadline and proc.poll() is None:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        pids = children.read_text().split() if children.exists() else []
-        # the pool's workers (the first child may be multiprocessing's resource tracker)
-        for pid in pids:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline:
-                os.kill(int(pid), signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.01)
-    out, err = proc.communicate(timeout=120)
+    killed, deadline = False, time.time() + 60
+    try:
+        # Once both workers write their dataset (each has written its marker first), kill one. Not
+        # earlier: a worker killed while it is still being spawned can leave the pool waiting.
+        while not all((out / name / P.MARKER).exists() for name in ("KiTS", "MSDSpleen")):
+            assert proc.poll() is None and time.time() < deadline, "the workers never started"
+            time.sleep(0.01)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        # the pool's workers (not multiprocessing's resource tracker)
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(int(workers[0]), signal.SIGKILL)
+        killed = True
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert killed
-    assert proc.returncode == 2, (out, err)
+    assert proc.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "worker process died" in lines[0], err
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

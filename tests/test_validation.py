@@ -34,7 +34,6 @@ def test_predict_view_stack_pads_crops_and_merges(one_thread):
     assert not (merged == 2)[full != 2].any()
 
 
-
 def test_validate_matches_a_plain_argmax_and_leaves_the_model_as_it_was(one_thread):
     """validate() predicts with a channels_last copy on the CPU and max().indices: the labels of the
     plain forward + argmax (Dice 1 against them), and the trained model keeps its layout and mode."""
