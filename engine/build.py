@@ -179,7 +179,8 @@ def build_semi(opts: TrainOptions, model: torch.nn.Module) -> SemiParts:
     try:
         semi_cfg = SemiConfig(pseudo=opts.pseudo, teacher=opts.teacher, ema_momentum=opts.ema_momentum,
                               class_weights=tuple(opts.unsup_class_weights), w_x=w_x, w_fp=w_fp,
-                              w_s1=w_s1, w_s2=w_s2, divisor=opts.semi_divisor, fp=opts.fp)
+                              w_s1=w_s1, w_s2=w_s2, divisor=opts.semi_divisor, fp=opts.fp,
+                              organ_threshold=opts.organ_threshold)
         thresholds = ThresholdSchedule.from_arg(opts.threshold)
     except ValueError as err:
         raise InputError(None, str(err)) from None

@@ -145,6 +145,8 @@ class SemiConfig:
         dice_weight: weight of the soft Dice term in the unsupervised losses (0 = off).
         class_weights: class weights of the unsupervised losses; None = the supervised loss's.
         fp: feature perturbation, ``"encoder"`` (UniMatch) or ``"head"`` (see models/mosnet.py).
+        organ_threshold: None, or a lower confidence threshold for organ pseudo-labels
+            (:func:`confidence_mask`).
         aug: strong augmentation settings.
     """
 
@@ -162,6 +164,7 @@ class SemiConfig:
     dice_weight: float = 0.0
     class_weights: tuple[float, ...] | None = None
     fp: str = "encoder"
+    organ_threshold: float | None = None
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
 
     def __post_init__(self) -> None:
@@ -176,16 +179,32 @@ class SemiConfig:
             raise ValueError("SemiConfig loss weights must be finite and >= 0 and the divisor > 0")
         if not 0.0 <= self.cutmix_p <= 1.0:
             raise ValueError(f"SemiConfig.cutmix_p must be in [0, 1], got {self.cutmix_p}")
+        if self.organ_threshold is not None and not 0.0 <= self.organ_threshold <= 1.0:
+            raise ValueError(f"SemiConfig.organ_threshold must be in [0, 1], got {self.organ_threshold}")
 
 
-def confidence_mask(conf: Tensor, threshold: float) -> Tensor:
-    """Float pixel weights: 1 where ``conf >= threshold``, else 0."""
-    return (conf >= threshold).to(torch.float32)
+def confidence_mask(conf: Tensor, threshold: float, pseudo: Tensor | None = None,
+                    organ_threshold: float | None = None) -> Tensor:
+    """Float pixel weights: 1 where ``conf >= threshold``, else 0.
+
+    With ``organ_threshold`` (and ``pseudo``), pixels whose pseudo-label is an organ (not background 0,
+    not the ignore label) already count from ``min(organ_threshold, threshold)``: background fills most
+    of a CT slice and is the confident class, so one high threshold keeps mostly background
+    pseudo-labels and an organ the teacher is unsure of is taught away, round after round (on phantoms
+    the spleen, learned from one volume, collapsed; README).
+    """
+    keep = conf >= threshold
+    if organ_threshold is not None:
+        if pseudo is None:
+            raise ValueError("an organ threshold needs the pseudo-labels")
+        organ = (pseudo > 0) & (pseudo != IGNORE_INDEX)
+        keep = keep | (organ & (conf >= min(organ_threshold, threshold)))
+    return keep.to(torch.float32)
 
 
 def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tensor, threshold: float,
                class_weights: Sequence[float] | Tensor = DEFAULT_CLASS_WEIGHTS,
-               dice_weight: float = 0.0) -> Tensor:
+               dice_weight: float = 0.0, organ_threshold: float | None = None) -> Tensor:
     """Target adaptive loss against pseudo-labels, counting only pixels with ``conf >= threshold``.
 
     Normalised per pixel as UniMatch (``sum(w_t * loss * mask) / #pixels``, ignored padding left out of
@@ -199,6 +218,7 @@ def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tenso
         labeled_mask: ``(B, C)`` bool label space of each sample (all True for full pseudo-labels).
         threshold: confidence threshold.
         class_weights, dice_weight: as in ``losses.partial.target_adaptive_loss``.
+        organ_threshold: a lower threshold for organ pseudo-labels (see :func:`confidence_mask`).
 
     Returns:
         scalar float32 loss.
@@ -207,7 +227,8 @@ def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tenso
 
     return target_adaptive_loss(logits.float(), pseudo, labeled_mask, class_weights=class_weights,
                                 mode="tal", dice_weight=dice_weight,
-                                pixel_weight=confidence_mask(conf, threshold), normalise="pixels")
+                                pixel_weight=confidence_mask(conf, threshold, pseudo, organ_threshold),
+                                normalise="pixels")
 
 
 def _masked_pseudo_label(logits: Tensor, batch: UnlabeledBatch, mode: str) -> tuple[Tensor, Tensor]:
@@ -311,13 +332,14 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     loss = (cfg.w_x * loss_x + float(unsup_scale) * unsup) / cfg.divisor
     real = (pseudo_a != IGNORE_INDEX).to(torch.float32)
     n_real = real.sum().clamp_min(1.0)
+    kept = confidence_mask(conf_a, threshold, pseudo_a, cfg.organ_threshold)
     return {
         "loss": loss,
         "loss_x": loss_x.detach(),
         "loss_fp": loss_fp.detach(),
         "loss_s1": loss_s1.detach(),
         "loss_s2": loss_s2.detach(),
-        "mask_ratio": (confidence_mask(conf_a, threshold) * real).sum() / n_real,
+        "mask_ratio": (kept * real).sum() / n_real,
         "conf_mean": (conf_a * real).sum() / n_real,
     }
 
@@ -389,5 +411,5 @@ def _unsup_losses(terms: list[tuple[Tensor, Tensor, Tensor]], unl_a: UnlabeledBa
         torch.ones((na, num_classes), dtype=torch.bool, device=device)
     class_weights = cfg.class_weights if cfg.class_weights is not None else \
         getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
-    return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight)
-            for logits, pseudo, conf in terms]
+    return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight,
+                       cfg.organ_threshold) for logits, pseudo, conf in terms]

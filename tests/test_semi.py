@@ -81,6 +81,28 @@ def test_threshold_masks_exactly_conf_at_or_above():
     assert unsup_loss(logits, pseudo, conf, mask, 0.95).item() == 0.0
 
 
+def test_organ_threshold_keeps_unsure_organ_pixels_only():
+    """--organ-threshold: organ pseudo-labels count from the lower threshold, background and padding
+    keep theirs; never stricter than the schedule's threshold."""
+    conf = torch.tensor([[[0.6, 0.6, 0.4, 0.6, 0.95]]])
+    pseudo = torch.tensor([[[0, 2, 2, 255, 0]]])
+    assert confidence_mask(conf, 0.9, pseudo, 0.5).tolist() == [[[0.0, 1.0, 0.0, 0.0, 1.0]]]
+    assert confidence_mask(conf, 0.9).tolist() == [[[0.0, 0.0, 0.0, 0.0, 1.0]]]
+    assert confidence_mask(conf, 0.3, pseudo, 0.5).tolist() == [[[1.0, 1.0, 1.0, 1.0, 1.0]]]
+    with pytest.raises(ValueError, match="pseudo-labels"):
+        confidence_mask(conf, 0.9, None, 0.5)
+    # the loss then trains the unsure organ pixel (hand-computed: one weighted NLL over 4 real pixels)
+    logits = torch.tensor([[[[0.0, 1.0, 0.0, 0.0, 2.0]], [[0.0, 0.0, 0.0, 0.0, 0.0]],
+                            [[1.0, 0.5, 0.0, 0.0, 0.0]]]])                            # (1, 3, 1, 5)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss = unsup_loss(logits, pseudo, conf, mask, 0.9, class_weights=(0.2, 1.2), organ_threshold=0.5)
+    logp = torch.log_softmax(logits, dim=1)[0, :, 0]
+    expected = (1.2 * -logp[2, 1].item() + 0.2 * -logp[0, 4].item()) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="organ_threshold"):
+        SemiConfig(organ_threshold=1.5)
+
+
 # ---------------------------------------------------------------------------------------------- EMA
 
 

@@ -154,6 +154,7 @@ FINAL_RANGES: dict[str, Range] = {
     "dice_weight": Range(low=0),
     "unlabeled_batchsize": Range(low=0),
     "ema_momentum": Range(low=0, high=1, high_open=True),
+    "organ_threshold": Range(low=0, high=1),
     "unsup_class_weights": Range(low=0),
     "semi_weights": Range(low=0),
     "semi_divisor": Range(low=0, low_open=True),
