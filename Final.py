@@ -113,9 +113,10 @@ def _semi_args(p: argparse.ArgumentParser) -> None:
                    help="pseudo-labels in the source dataset's merged label space, or every organ")
     g.add_argument("--threshold", default="schedule",
                    help="confidence threshold: a number, or 'schedule' (0.7/0.8/0.9 as the original)")
-    g.add_argument("--organ-threshold", type=float, default=None,
-                   help="lower confidence threshold for organ pseudo-labels (background keeps --threshold); "
-                        "default: the same. On phantoms 0.5 kept the spleen that one threshold taught away")
+    g.add_argument("--organ-threshold", type=float, default=0.5,
+                   help="organ pseudo-labels count from this confidence (never above --threshold); "
+                        "background keeps --threshold. 1 = one threshold for all, as the original (on "
+                        "phantoms it taught the spleen away: README)")
     g.add_argument("--unsup-class-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("BG", "ORGAN"),
                    help="CE weights of the pseudo-label losses. Unlike labels, pseudo-labels feed back: "
                         "weighting organs up makes predicted organs grow every round (measured on phantoms: "

@@ -63,7 +63,7 @@ class TrainOptions:
     ema_momentum: float = 0.99
     pseudo: str = "merged"
     threshold: str = "schedule"
-    organ_threshold: float | None = None
+    organ_threshold: float | None = 0.5
     unsup_class_weights: tuple[float, float] = (1.0, 1.0)
     semi_weights: tuple[float, float, float, float] = (1.0, 0.5, 0.25, 0.25)
     semi_divisor: float = 2.0

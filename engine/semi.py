@@ -145,8 +145,8 @@ class SemiConfig:
         dice_weight: weight of the soft Dice term in the unsupervised losses (0 = off).
         class_weights: class weights of the unsupervised losses; None = the supervised loss's.
         fp: feature perturbation, ``"encoder"`` (UniMatch) or ``"head"`` (see models/mosnet.py).
-        organ_threshold: None, or a lower confidence threshold for organ pseudo-labels
-            (:func:`confidence_mask`).
+        organ_threshold: organ pseudo-labels count from this confidence (:func:`confidence_mask`;
+            None or 1: the one threshold of the original).
         aug: strong augmentation settings.
     """
 
@@ -164,7 +164,7 @@ class SemiConfig:
     dice_weight: float = 0.0
     class_weights: tuple[float, ...] | None = None
     fp: str = "encoder"
-    organ_threshold: float | None = None
+    organ_threshold: float | None = 0.5
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
 
     def __post_init__(self) -> None:
@@ -200,6 +200,14 @@ def confidence_mask(conf: Tensor, threshold: float, pseudo: Tensor | None = None
         organ = (pseudo > 0) & (pseudo != IGNORE_INDEX)
         keep = keep | (organ & (conf >= min(organ_threshold, threshold)))
     return keep.to(torch.float32)
+
+
+def organ_threshold(cfg: SemiConfig, num_classes: int) -> float | None:
+    """The organ threshold in effect: ``cfg.organ_threshold``, except None with a single organ (two
+    classes) and a threshold <= 0.5, where the winning class always has confidence >= 0.5: such a
+    threshold would keep every organ pseudo-label, right or wrong, from the first step."""
+    t = cfg.organ_threshold
+    return None if t is None or (num_classes <= 2 and t <= 0.5) else t
 
 
 def unsup_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, labeled_mask: Tensor, threshold: float,
@@ -332,7 +340,7 @@ def semi_step(model: nn.Module, teacher: EMATeacher | None, labeled: LabeledBatc
     loss = (cfg.w_x * loss_x + float(unsup_scale) * unsup) / cfg.divisor
     real = (pseudo_a != IGNORE_INDEX).to(torch.float32)
     n_real = real.sum().clamp_min(1.0)
-    kept = confidence_mask(conf_a, threshold, pseudo_a, cfg.organ_threshold)
+    kept = confidence_mask(conf_a, threshold, pseudo_a, organ_threshold(cfg, logits_wa.shape[1]))
     return {
         "loss": loss,
         "loss_x": loss_x.detach(),
@@ -411,5 +419,6 @@ def _unsup_losses(terms: list[tuple[Tensor, Tensor, Tensor]], unl_a: UnlabeledBa
         torch.ones((na, num_classes), dtype=torch.bool, device=device)
     class_weights = cfg.class_weights if cfg.class_weights is not None else \
         getattr(sup_loss, "class_weights", DEFAULT_CLASS_WEIGHTS)
-    return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight,
-                       cfg.organ_threshold) for logits, pseudo, conf in terms]
+    organ = organ_threshold(cfg, num_classes)
+    return [unsup_loss(logits, pseudo, conf, mask_u, threshold, class_weights, cfg.dice_weight, organ)
+            for logits, pseudo, conf in terms]

@@ -48,3 +48,4 @@ def test_semi_config_and_options_default_to_the_same_teacher():
     from engine.semi import SemiConfig
 
     assert SemiConfig().teacher == TrainOptions().teacher
+    assert SemiConfig().organ_threshold == TrainOptions().organ_threshold

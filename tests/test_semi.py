@@ -101,6 +101,11 @@ def test_organ_threshold_keeps_unsure_organ_pixels_only():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="organ_threshold"):
         SemiConfig(organ_threshold=1.5)
+    # with one organ the winner always has confidence >= 0.5: such an organ threshold would filter nothing
+    from engine.semi import organ_threshold
+
+    assert organ_threshold(SemiConfig(), 4) == 0.5 and organ_threshold(SemiConfig(), 2) is None
+    assert organ_threshold(SemiConfig(organ_threshold=0.6), 2) == 0.6
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -338,8 +343,8 @@ def test_semi_step_nothing_confident_leaves_supervised_loss():
     torch.manual_seed(0)
     model = net(3, C, 8)
     lab, ua, ub = batches(3)
-    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01, SemiConfig(teacher="self"),
-                    torch.Generator().manual_seed(0))
+    out = semi_step(model, None, lab, ua, ub, DeepSupervisedLoss(), 1.01,
+                    SemiConfig(teacher="self", organ_threshold=None), torch.Generator().manual_seed(0))
     assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
     assert out["mask_ratio"].item() == 0.0
     assert out["loss"].item() == pytest.approx(out["loss_x"].item() / 2)
@@ -356,8 +361,10 @@ def test_untrained_network_is_confident_nowhere(pseudo):
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         logits = model(x).logits
-    _, conf = pseudo_label(logits, MASKS, pseudo)
+    labels, conf = pseudo_label(logits, MASKS, pseudo)
     assert confidence_mask(conf, 0.7).mean().item() < 0.01
+    # also with the default lower threshold for organ pseudo-labels
+    assert confidence_mask(conf, 0.7, labels, SemiConfig().organ_threshold).mean().item() < 0.01
     # while the merged space itself would have called almost everything confident background
     from losses.partial import merge_log_probs
 
