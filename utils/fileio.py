@@ -204,7 +204,10 @@ def clean_stale_parts(folder: str | os.PathLike, recursive: bool = True) -> list
     if recursive:
         walker = list(os.walk(folder))
     else:
-        names = [p.name for p in folder.iterdir()]
+        try:
+            names = [p.name for p in folder.iterdir()]
+        except FileNotFoundError:  # removed meanwhile (another process's write test): nothing stale
+            return removed
         walker = [(str(folder), [], names)]
     for root, dirs, files in walker:
         for name in [*files, *dirs]:

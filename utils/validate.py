@@ -13,6 +13,7 @@ before any volume is read.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -237,11 +238,15 @@ def preflight_final(args: Any) -> None:
         raise InputError(data, "--data folder does not exist")
     if not data.is_dir():
         raise InputError(data, "--data is not a folder (it should hold one folder per dataset)")
-    out = check_writable(args.out, "--out folder")
+    # Under torchrun every rank runs this at the same time: a folder that one rank created for the
+    # write test and removed again vanished under another rank's feet (FileNotFoundError), so with
+    # several processes the folders are kept.
+    keep = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+    out = check_writable(args.out, "--out folder", keep=keep)
     clean_stale_parts(out, recursive=False)
     _check_resume(args, config, out)
     cache = Path(args.cache) if args.cache else data / ".unimos_cache"
-    check_writable(cache, "cache folder")
+    check_writable(cache, "cache folder", keep=keep)
     clean_stale_parts(cache)
 
 
