@@ -10,8 +10,9 @@ One call of :func:`semi_step` does, for a labeled batch and two unlabeled batche
    region takes ``b``'s pseudo-label and confidence;
 4. the student on ``[s1; s2]`` in one pass;
 5. ``loss = (w_x L_x + r (w_fp L_fp + w_s1 L_s1 + w_s2 L_s2)) / 2``, the unsupervised terms being the
-   target adaptive loss against the pseudo-labels, counting pixels with ``conf >= threshold`` and
-   divided by the number of image pixels (padding excluded) as UniMatch, ``r`` the ramp-up weight.
+   target adaptive loss against the pseudo-labels, counting pixels with ``conf >= threshold`` (organ
+   pseudo-labels already from ``SemiConfig.organ_threshold``: :func:`confidence_mask`) and divided by
+   the number of image pixels (padding excluded) as UniMatch, ``r`` the ramp-up weight.
 
 Padding: an unlabeled sample smaller than the crop is padded; ``UnlabeledBatch.valid`` marks its real
 pixels. Padding gets the ignore label in the pseudo-labels, so it is in no loss, no denominator and
