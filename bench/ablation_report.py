@@ -288,7 +288,9 @@ def merge_reports(folders: list[Path], out: Path) -> dict[str, Any]:
         if differ:
             raise InputError(f / "ablation.json", f"options differ from {folders[0]}: {', '.join(differ)}")
     merged = dict(reports[0])
-    merged["runs"] = [run for r in reports for run in r["runs"]]
+    # one table row per setting and variant, settings in order: runs of several folders interleave
+    runs = [run for r in reports for run in r["runs"]]
+    merged["runs"] = sorted(runs, key=lambda run: run.get("labeled_per_dataset") or 0)
     merged["options"] = {**first, "train_seeds": sorted({s for r in reports
                                                           for s in r["options"].get("train_seeds", [])})}
     merged["seconds"] = max(r.get("seconds", 0) for r in reports)

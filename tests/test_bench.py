@@ -228,6 +228,17 @@ def test_ablation_merge(tmp_path):
     merged = rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     assert [r["seed"] for r in merged["runs"]] == [0, 1] and merged["options"]["train_seeds"] == [0, 1]
     assert (tmp_path / "m" / "ablation.md").is_file() and (tmp_path / "m" / "ablation.png").is_file()
+    # a folder of baselines and one of semi runs: rows come out by labeled count, not by folder
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ablation.json").write_text(json.dumps(
+        {"options": {**opts, "train_seeds": [0]}, "runs": [_run("tal+semi", 0, 0.7, 0.7, labeled=1),
+                                                           _run("tal+semi", 0, 0.9, 0.9, labeled=2)]}))
+    (tmp_path / "a" / "ablation.json").write_text(json.dumps(
+        {"options": {**opts, "train_seeds": [0]}, "runs": [_run("tal", 0, 0.6, 0.6, labeled=1),
+                                                           _run("tal", 0, 0.8, 0.8, labeled=2)]}))
+    merged = rep.merge_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "m")
+    assert [(r["labeled_per_dataset"], r["variant"]) for r in merged["runs"]] == \
+        [(1, "tal"), (1, "tal+semi"), (2, "tal"), (2, "tal+semi")]
     (tmp_path / "b" / "ablation.json").write_text(json.dumps({"options": {**opts, "steps": 1}, "runs": []}))
     with pytest.raises(InputError, match="steps"):
         rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
