@@ -49,3 +49,5 @@ def test_semi_config_and_options_default_to_the_same_teacher():
 
     assert SemiConfig().teacher == TrainOptions().teacher
     assert SemiConfig().organ_threshold == TrainOptions().organ_threshold
+    cfg = SemiConfig()
+    assert (cfg.w_x, cfg.w_fp, cfg.w_s1, cfg.w_s2) == TrainOptions().semi_weights
