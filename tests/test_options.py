@@ -47,7 +47,7 @@ def test_plain_values_and_progress_default(monkeypatch):
 def test_semi_config_and_options_default_to_the_same_teacher():
     from engine.semi import SemiConfig
 
-    assert SemiConfig().teacher == TrainOptions().teacher
-    assert SemiConfig().organ_threshold == TrainOptions().organ_threshold
-    cfg = SemiConfig()
-    assert (cfg.w_x, cfg.w_fp, cfg.w_s1, cfg.w_s2) == TrainOptions().semi_weights
+    cfg, opts = SemiConfig(), TrainOptions()
+    assert cfg.teacher == opts.teacher
+    assert cfg.organ_threshold == opts.organ_threshold
+    assert (cfg.w_x, cfg.w_fp, cfg.w_s1, cfg.w_s2) == opts.semi_weights
