@@ -1,7 +1,9 @@
 """The main job on the synthetic default: phantoms -> resample -> train -> segment -> evaluate -> report.
 
-Runs exactly the commands a researcher would type (each printed before it runs), sized for a CPU:
+Runs the commands a researcher would type, each printed before it runs, sized for a CPU:
     python demo.py --out demo_out
+(synth.py, resample.py and Final.py as processes; segment.py and evaluate.py through their ``main`` in
+this process, which saves loading torch eight times).
 On a machine with a GPU the same command trains there (``--device auto``).
 
 What is trained is fixed by step counts (``--epochs`` x ``--steps-per-epoch``), never by a clock: the
@@ -18,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from utils.errors import HelpFormatter, InputError, OneLineParser, run_cli
@@ -49,8 +52,12 @@ def portable_env(enabled: bool = True) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> float:
+def _show(cmd: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+
+
+def _run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> float:
+    _show(cmd)
     t0 = time.time()
     if log is None:
         rc = subprocess.call(cmd, env=env)
@@ -66,6 +73,32 @@ def _run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = N
     if rc != 0:
         raise SystemExit(f"demo: command failed with exit code {rc}: {cmd[1] if len(cmd) > 1 else cmd}")
     return time.time() - t0
+
+
+def _call(main: Callable[[list[str] | None], int | None], script: Path, argv: list[str]) -> float:
+    """Run a script's ``main`` in this process, printed as the command it stands for.
+
+    Segmenting and scoring are 8 short commands; as processes, each paid for loading torch and its
+    libraries again (~1.5 s here, ~4 s on a slow machine). Bad input raises InputError as it would
+    in the script: ``run_cli`` of the demo turns it into the same one line and exit code 2.
+    """
+    _show([sys.executable, str(script), *argv])
+    t0 = time.time()
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"demo: {script.name} failed with exit code {rc}")
+    return time.time() - t0
+
+
+def _use_env_here(env: dict[str, str]) -> None:
+    """Give this process the portable CPU settings of ``env`` before it loads torch (they are read
+    when its kernels are first chosen), so that in-process segmentation computes what the training
+    process does."""
+    changed = {k: env[k] for k in PORTABLE_CPU_ENV if k in env and os.environ.get(k) != env[k]}
+    if changed and "torch" in sys.modules:
+        print("note: torch was loaded before the demo set its CPU settings: segmentation in this "
+              "process uses the machine's own kernels", flush=True)
+    os.environ.update(changed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,20 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     times["train"] = _run(train_cmd, log=out / "train.log", env=env)
 
     # Segment the validation volumes on their ORIGINAL grids (segment.py resamples internally).
+    import evaluate
+    import segment
+
+    _use_env_here(env)
     ckpt = model / "resu_best_axial.pth.tar"
     reports = {}
     for ds in (*PARTIAL, HELD_OUT):
         src = raw / ds / "validation"
         if not src.is_dir():
             continue
-        t = _run([py, str(here / "segment.py"), str(src), str(pred / ds), "--network-path", str(ckpt),
-                  "--device", args.device], env=env)
-        times[f"segment_{ds}"] = t
+        times[f"segment_{ds}"] = _call(segment.main, here / "segment.py", [
+            str(src), str(pred / ds), "--network-path", str(ckpt), "--device", args.device])
         report = out / "eval" / f"{ds}.csv"
-        pngs = ["--png", str(out / "png" / ds), "--image", str(src)]
-        times[f"evaluate_{ds}"] = _run([py, str(here / "evaluate.py"), "--pred", str(pred / ds),
-                                        "--gt", str(raw / ds / "label"), "--gt-dataset", ds,
-                                        "--out", str(report), *pngs])
+        times[f"evaluate_{ds}"] = _call(evaluate.main, here / "evaluate.py", [
+            "--pred", str(pred / ds), "--gt", str(raw / ds / "label"), "--gt-dataset", ds,
+            "--out", str(report), "--png", str(out / "png" / ds), "--image", str(src)])
         reports[ds] = json.loads(report.with_suffix(".json").read_text())
 
     from utils.report import write_demo_report

@@ -2,7 +2,7 @@
 
     python bench/inference.py [--width W] [--device auto|cpu|cuda] [--shape 200,256,256]
                               [--configs axial,fused] [--block 224] [--tile N] [--batch N]
-                              [--no-io] [--threads 2]
+                              [--workers N] [--no-io] [--threads 2]
 
 A random-init MOSNet (width 16 on the CPU, 64 on a GPU by default) segments a synthetic int16 CT of
 ``--shape`` (numpy order: slices, rows, columns; a 384 mm field of view in-plane, as an abdominal CT,
@@ -92,7 +92,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
         configs: tuple[str, ...] = ("axial", "fused"), block: int = 224, tile: int | None = None,
         batch: int | None = None, slices: int = 3, io: bool = True, threads: int | None = None,
         amp: bool | None = None, seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm",
-        channels_last: bool = False) -> dict[str, Any]:
+        channels_last: bool = False, workers: int | None = None, relu_inplace: bool = True) -> dict[str, Any]:
     """Time inference of one synthetic volume per configuration, with and without NIfTI I/O.
 
     Args:
@@ -112,6 +112,10 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
             previous kernel, ``bench.train_step.to_instance_norm2d``).
         channels_last: models in channels_last memory format (activations follow the weights: every
             conv then runs NHWC; GroupNorm has an NHWC CPU kernel, InstanceNorm2d does not).
+            ``segment.py`` loads models so.
+        relu_inplace: False runs the previous out-of-place ReLU (``bench.train_step.set_relu_inplace``).
+        workers: forward passes side by side (``inference.window.predict_stack``); None: segment.py's
+            default for the device (one per CPU thread, at most 4).
 
     Returns:
         dict with the settings and, per configuration, ``{config}_s`` (no I/O), ``{config}_cpu_s``
@@ -132,6 +136,7 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     from data.config import load_config
     from data.volume import Geometry, Volume
     from inference.segment import default_batch, resolve_device, segment_volume
+    from inference.window import cpu_workers
     from models import DEFAULT_NORM
 
     bad = [c for c in configs if c not in ("axial", "fused")]
@@ -149,13 +154,14 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     norm = norm or DEFAULT_NORM
     model_args = {"in_channels": slices, "num_classes": config.num_classes, "width": width, "norm": norm}
 
-    models = _random_models(model_args, config, block, dev, norm_kernel, channels_last)
+    models = _random_models(model_args, config, block, dev, norm_kernel, channels_last, relu_inplace)
     # The coronal and sagittal stacks resample S-I to the in-plane spacing: with the 0.8 mm pixels of a
     # 205 mm field of view (this benchmark before) their slices were 625 x 256 instead of ~333 x 256.
     geo = Geometry(shape, (FOV_MM / shape[2], FOV_MM / shape[1], SLICE_MM), (0.0, 0.0, 0.0))
     volume = Volume(_phantom(shape, seed), geo)
     batch = default_batch(dev) if batch is None else batch
-    kwargs = dict(batch=batch, device=dev, amp=amp, tile=tile)
+    workers = cpu_workers(dev) if workers is None else workers
+    kwargs = dict(batch=batch, device=dev, amp=amp, tile=tile, workers=workers)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -167,8 +173,10 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     sync()
 
     result: dict[str, Any] = {"width": width, "norm": norm, "norm_kernel": norm_kernel,
+                              "relu_inplace": relu_inplace,
                               "channels_last": channels_last, "shape": list(shape), "block": block,
-                              "tile": tile, "batch": batch, "slices": slices, "amp": amp}
+                              "tile": tile, "batch": batch, "workers": workers, "slices": slices,
+                              "amp": amp}
     result.update(_time_configs(configs, models, volume, io, sync, kwargs))
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["device"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
@@ -179,11 +187,11 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
 
 
 def _random_models(model_args: dict[str, Any], config: Any, block: int, dev: Any, norm_kernel: str,
-                   channels_last: bool) -> dict[str, Any]:
+                   channels_last: bool, relu_inplace: bool = True) -> dict[str, Any]:
     """One randomly initialised network per view, as inference would load it."""
     import torch
 
-    from bench.train_step import to_instance_norm2d
+    from bench.train_step import set_relu_inplace, to_instance_norm2d
     from inference.segment import LoadedModel
     from models import build_model
 
@@ -191,6 +199,7 @@ def _random_models(model_args: dict[str, Any], config: Any, block: int, dev: Any
         model = build_model(model_args).eval()
         if norm_kernel == "instancenorm2d":
             to_instance_norm2d(model)
+        set_relu_inplace(model, relu_inplace)
         model = model.to(dev)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -240,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="axial,fused")
     ap.add_argument("--block", type=int, default=224)
     ap.add_argument("--tile", type=int, default=None, help="0 = whole slices")
-    ap.add_argument("--batch", type=int, default=None, help="default: segment.py's (2 on a CPU, 16 on a GPU)")
+    ap.add_argument("--batch", type=int, default=None, help="default: segment.py's (1 on a CPU, 16 on a GPU)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="forward passes side by side; default: segment.py's (one per CPU thread, at most 4)")
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--no-io", action="store_true")
     ap.add_argument("--no-amp", action="store_true")
@@ -259,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     r = run(width=a.width, device=a.device, shape=shape, configs=tuple(a.configs.split(",")),  # type: ignore[arg-type]
             block=a.block, tile=a.tile, batch=a.batch, slices=a.slices, io=not a.no_io,
             threads=a.threads, amp=False if a.no_amp else None, norm=a.norm, norm_kernel=a.norm_kernel,
-            channels_last=a.channels_last)
+            channels_last=a.channels_last, workers=a.workers)
     print(f"{r['device']}: width {r['width']} ({r['norm']} norm, {r['norm_kernel']} kernel"
           f"{', channels_last' if r['channels_last'] else ''}), volume {tuple(r['shape'])}, "
           f"block {r['block']}, "
-          f"tile {r['tile']}, batch {r['batch']}")
+          f"tile {r['tile']}, batch {r['batch']}, {r['workers']} pass(es) side by side")
     for name in a.configs.split(","):
         line = (f"  {name:6s} {r[f'{name}_s']:7.2f} s/volume (CPU time {r[f'{name}_cpu_s']:.1f} s, "
                 f"peak +{r[f'{name}_peak_rss_mb']:.0f} MB RSS)")

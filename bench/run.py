@@ -98,13 +98,16 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
                  "steps": 8, "warmup": 2, "threads": threads},
         # Three fused views of 200 slices take 5-10 min of a 2-core CPU: the fused number is measured on
         # 40 slices (whole-slice inference) and scaled to 200 (the cost is linear in the slice count).
+        # segment.py's CPU settings: channels_last models, its default batch and passes side by side
         "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": None, "threads": threads,
-                      "fused_slices": 40},
+                      "fused_slices": 40, "channels_last": True},
         # Old vs new settings, measured side by side in the same run (train: steps alternate):
-        # old = InstanceNorm2d kernel, 128x128 crops (the demo preset before the change);
-        # new = GroupNorm(C, C) kernel (the network as built now), 96x96 crops (demo.py's --block).
+        # old = InstanceNorm2d kernel, out-of-place ReLU, 128x128 crops (the demo preset before the
+        # change); new = GroupNorm(C, C) kernel, ReLU in place (the network as built now), 96x96 crops
+        # (demo.py's --block).
         "train_compare": {
-            "old": {"width": 16, "size": 128, "batch": 8, "norm_kernel": "instancenorm2d"},
+            "old": {"width": 16, "size": 128, "batch": 8, "norm_kernel": "instancenorm2d",
+                    "relu_inplace": False},
             "new": {"width": 16, "size": 96, "batch": 8, "norm_kernel": "groupnorm"},
             "steps": 8, "warmup": 2, "threads": threads},
         # axial, no I/O: old = InstanceNorm2d, contiguous; new = GroupNorm, channels_last
@@ -278,42 +281,44 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
 
 
 def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
-                      small_batch: int | None = 2, **kwargs: Any) -> dict[str, Any]:
+                      one_pass_batch: int | None = 2, **kwargs: Any) -> dict[str, Any]:
     """Axial inference without I/O, old settings then new, in the same run.
 
-    old: instance norm with the InstanceNorm2d kernel, contiguous tensors; new: the GroupNorm(C, C)
-    kernel in channels_last; new_small_batch: new with ``small_batch`` slices per forward pass (on a
-    CPU the activations of a few slices stay in the caches: on one thread, 256x256x200 took 0.59x the
-    CPU time of 16 slices per forward; with two threads on a loaded machine the gain was small). All
-    run ``inference.segment.segment_volume`` (under
-    ``torch.inference_mode``) on the same volume with the same weights.
+    old: instance norm with the InstanceNorm2d kernel, out-of-place ReLU, contiguous tensors,
+    ``batch`` slices per pass, one pass at a time; new: what segment.py does on this device now
+    (GroupNorm(C, C) kernel, ReLU in place, channels_last, its default batch and forward passes side
+    by side on a CPU); one_pass: the previous CPU default, GroupNorm(C, C), out-of-place ReLU,
+    channels_last, one pass of ``one_pass_batch`` slices at a time on all threads. All
+    run ``inference.segment.segment_volume`` (under ``torch.inference_mode``) on the same volume with
+    the same weights.
 
     Args:
         device: torch device string.
         shape: numpy shape (slices, rows, columns).
-        batch: slices per forward pass of old and new.
-        small_batch: slices per forward pass of ``new_small_batch`` (None: not measured).
+        batch: slices per forward pass of old.
+        one_pass_batch: slices per forward pass of ``one_pass`` (None: not measured).
         kwargs: other ``bench.inference.run`` arguments (width, block, threads...).
 
     Returns:
-        ``{"old": {"axial_s", "axial_cpu_s", ...}, "new": {...}, "new_small_batch": {...}, "ratio",
-        "ratio_small_batch"}`` (ratios = old time / new time: above 1 means faster than old),
+        ``{"old": {"axial_s", "axial_cpu_s", "batch", "workers", ...}, "new": {...}, "one_pass": {...},
+        "ratio", "ratio_one_pass"}`` (ratios = old time / that time: above 1 means faster than old),
         ``shape``, ``load_avg_1min``.
     """
     from bench.inference import run
 
     out: dict[str, Any] = {"shape": list(shape)}
-    runs = [("old", "instancenorm2d", False, batch), ("new", "groupnorm", True, batch)]
-    if small_batch:
-        runs.append(("new_small_batch", "groupnorm", True, small_batch))
-    for name, kernel, cl, b in runs:
+    runs = [("old", "instancenorm2d", False, False, batch, 1), ("new", "groupnorm", True, True, None, None)]
+    if one_pass_batch:
+        runs.append(("one_pass", "groupnorm", False, True, one_pass_batch, 1))
+    for name, kernel, inplace, cl, b, workers in runs:
         r = run(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
-                channels_last=cl, batch=b, **kwargs)
-        out[name] = {"norm_kernel": kernel, "channels_last": cl, "batch": b, "axial_s": r["axial_s"],
-                     "axial_cpu_s": r["axial_cpu_s"], "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
+                relu_inplace=inplace, channels_last=cl, batch=b, workers=workers, **kwargs)
+        out[name] = {"norm_kernel": kernel, "channels_last": cl, "batch": r["batch"], "workers": r["workers"],
+                     "axial_s": r["axial_s"], "axial_cpu_s": r["axial_cpu_s"],
+                     "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
     out["ratio"] = out["old"]["axial_s"] / out["new"]["axial_s"]
-    if small_batch:
-        out["ratio_small_batch"] = out["old"]["axial_s"] / out["new_small_batch"]["axial_s"]
+    if one_pass_batch:
+        out["ratio_one_pass"] = out["old"]["axial_s"] / out["one_pass"]["axial_s"]
     out["load_avg_1min"] = (_loadavg() or [None])[0]
     return out
 

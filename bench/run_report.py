@@ -122,7 +122,8 @@ def _old_new_train_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     for name in ("old", "new"):
         o = c[name]
         kernel = "InstanceNorm2d" if o.get("norm_kernel") == "instancenorm2d" else "GroupNorm(C, C)"
-        rows.append(("train", f"{name}: {kernel}, {o['size']}x{o['size']}, batch {o['batch']}, "
+        relu = "ReLU in place" if o.get("relu_inplace", True) else "out-of-place ReLU"
+        rows.append(("train", f"{name}: {kernel}, {relu}, {o['size']}x{o['size']}, batch {o['batch']}, "
                      "slices/s; megapixels/s",
                      f"{_f(o.get('slices_per_s'), '.1f')}; {_f(o.get('megapixels_per_s'), '.3f')}"))
     rows.append(("train", "new / old, slices/s; megapixels/s (same run, steps alternating)",
@@ -138,19 +139,25 @@ def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, st
     def cell(r: dict[str, Any]) -> str:
         return f"{_f(r.get('axial_s'), '.2f')} (CPU {_f(r.get('axial_cpu_s'), '.1f')} s)"
 
+    def passes(r: dict[str, Any]) -> str:
+        w = r.get("workers", 1)
+        side = "one pass at a time" if w == 1 else f"{w} passes side by side"
+        return f"batch {r.get('batch', 16)}, {side}"
+
     rows = [
-        ("inference", f"old: axial, InstanceNorm2d, contiguous, batch {c['old'].get('batch', 16)}, "
-         f"s per {vol} (no I/O)", cell(c["old"])),
-        ("inference", f"new: axial, GroupNorm(C, C), channels_last, batch {c['new'].get('batch', 16)}, "
-         f"s per {vol} (no I/O)", cell(c["new"])),
+        ("inference", f"old: axial, InstanceNorm2d, out-of-place ReLU, contiguous, {passes(c['old'])}, "
+         f"s per {vol} (no I/O)",
+         cell(c["old"])),
+        ("inference", f"new: axial, GroupNorm(C, C), ReLU in place, channels_last, {passes(c['new'])}, "
+         f"s per {vol} (no I/O)",
+         cell(c["new"])),
         ("inference", "old / new time (same run, one after the other)", _f(c.get("ratio"), ".2f", "x")),
     ]
-    if "new_small_batch" in c:
+    if "one_pass" in c:
         rows += [
-            ("inference", f"new, batch {c['new_small_batch'].get('batch')}: s per {vol} (no I/O)",
-             cell(c["new_small_batch"])),
-            ("inference", f"old / new at batch {c['new_small_batch'].get('batch')} time",
-             _f(c.get("ratio_small_batch"), ".2f", "x")),
+            ("inference", f"previous CPU default: GroupNorm(C, C), out-of-place ReLU, channels_last, "
+             f"{passes(c['one_pass'])}, s per {vol} (no I/O)", cell(c["one_pass"])),
+            ("inference", "old / that time", _f(c.get("ratio_one_pass"), ".2f", "x")),
         ]
     return rows
 

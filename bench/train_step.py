@@ -56,6 +56,18 @@ def to_instance_norm2d(model):
     return model
 
 
+def set_relu_inplace(model, inplace: bool):
+    """Set ``relu_inplace`` on every norm-ReLU module of ``model`` (``models.blocks.NormReLUModule``):
+    False runs the out-of-place ReLU of the code before the change (same numbers), for old-vs-new
+    measurements. Returns ``model``."""
+    from models.blocks import NormReLUModule
+
+    for m in model.modules():
+        if isinstance(m, NormReLUModule):
+            m.relu_inplace = inplace
+    return model
+
+
 def _loadavg() -> float | None:
     try:
         import os
@@ -67,7 +79,7 @@ def _loadavg() -> float | None:
 
 def make_step(width: int, size: int, batch: int, slices: int, num_classes: int, device, amp: str = "off",
               channels_last: bool = False, compile: bool = False, blocks: int | list[int] = 1, seed: int = 0,
-              norm: str | None = None, norm_kernel: str = "groupnorm"):
+              norm: str | None = None, norm_kernel: str = "groupnorm", relu_inplace: bool = True):
     """Model, optimizer and fixed random batch of one supervised training step (see :func:`run`).
 
     Returns:
@@ -88,6 +100,7 @@ def make_step(width: int, size: int, batch: int, slices: int, num_classes: int, 
                          "blocks": blocks, "norm": norm})
     if norm_kernel == "instancenorm2d":
         to_instance_norm2d(model)
+    set_relu_inplace(model, relu_inplace)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dev).to(memory_format=fmt)
 
@@ -120,7 +133,8 @@ def make_step(width: int, size: int, batch: int, slices: int, num_classes: int, 
 def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_classes: int = 4,
         device: str = "cpu", amp: str = "off", channels_last: bool = False, compile: bool = False,
         steps: int = 10, warmup: int = 3, threads: int | None = None, blocks: int | list[int] = 1,
-        seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm") -> dict[str, Any]:
+        seed: int = 0, norm: str | None = None, norm_kernel: str = "groupnorm",
+        relu_inplace: bool = True) -> dict[str, Any]:
     """Time ``steps`` supervised training steps after ``warmup`` untimed ones.
 
     Args:
@@ -137,6 +151,7 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
         norm: ``batch`` or ``instance`` (None: Final.py's default).
         norm_kernel: ``groupnorm`` (instance norm as ``models`` builds it) or ``instancenorm2d`` (the
             previous kernel, see :func:`to_instance_norm2d`); no effect on batch norm.
+        relu_inplace: False runs the previous out-of-place ReLU (:func:`set_relu_inplace`).
 
     Returns:
         dict with ``slices_per_s``, ``megapixels_per_s`` (slices/s x crop area), ``s_per_step``
@@ -165,7 +180,8 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     norm = norm or DEFAULT_NORM
     model, step = make_step(width=width, size=size, batch=batch, slices=slices, num_classes=num_classes,
                             device=dev, amp=amp, channels_last=channels_last, compile=compile,
-                            blocks=blocks, seed=seed, norm=norm, norm_kernel=norm_kernel)
+                            blocks=blocks, seed=seed, norm=norm, norm_kernel=norm_kernel,
+                            relu_inplace=relu_inplace)
     # counted on the eager model (before compiling), on a batch of 1 and of ``batch``
     fwd_flops = count_flops(model, (1, slices, size, size))
     train_flops = count_flops(model, (batch, slices, size, size), backward=True) / batch

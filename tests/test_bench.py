@@ -315,23 +315,27 @@ def test_instance_norm2d_swap_keeps_the_outputs():
 def test_old_vs_new_rows_on_fake_results():
     train = {"width": 16, "size": 128, "batch": 8, "amp": "off", "slices_per_s": 30.0,
              "old_vs_new": {"old": {"size": 128, "batch": 8, "norm_kernel": "instancenorm2d",
+                                    "relu_inplace": False,
                                     "slices_per_s": 20.0, "megapixels_per_s": 0.328},
                             "new": {"size": 96, "batch": 8, "norm_kernel": "groupnorm",
                                     "slices_per_s": 40.0, "megapixels_per_s": 0.369},
                             "slices_ratio": 2.0, "megapixels_ratio": 1.125}}
     inference = {"shape": [200, 256, 256], "axial_s": 20.0,
-                 "old_vs_new": {"shape": [200, 256, 256], "old": {"axial_s": 30.0, "batch": 16},
-                                "new": {"axial_s": 20.0, "axial_cpu_s": 35.0, "batch": 16},
-                                "new_small_batch": {"axial_s": 15.0, "batch": 2},
-                                "ratio": 1.5, "ratio_small_batch": 2.0}}
+                 "old_vs_new": {"shape": [200, 256, 256], "old": {"axial_s": 30.0, "batch": 16, "workers": 1},
+                                "new": {"axial_s": 20.0, "axial_cpu_s": 35.0, "batch": 1, "workers": 2},
+                                "one_pass": {"axial_s": 15.0, "batch": 2, "workers": 1},
+                                "ratio": 1.5, "ratio_one_pass": 2.0}}
     by = {m: v for _, m, v in bench_run.summary_rows({"train": train, "inference": inference}, gpu=False)}
-    assert by["old: InstanceNorm2d, 128x128, batch 8, slices/s; megapixels/s"] == "20.0; 0.328"
-    assert by["new: GroupNorm(C, C), 96x96, batch 8, slices/s; megapixels/s"] == "40.0; 0.369"
+    assert by["old: InstanceNorm2d, out-of-place ReLU, 128x128, batch 8, slices/s; megapixels/s"] == (
+        "20.0; 0.328")
+    assert by["new: GroupNorm(C, C), ReLU in place, 96x96, batch 8, slices/s; megapixels/s"] == "40.0; 0.369"
     assert by["new / old, slices/s; megapixels/s (same run, steps alternating)"] == "2.00x; 1.12x"
     assert by["old / new time (same run, one after the other)"] == "1.50x"
-    assert by["new: axial, GroupNorm(C, C), channels_last, batch 16, s per 256x256x200 (no I/O)"] == (
-        "20.00 (CPU 35.0 s)")
-    assert by["old / new at batch 2 time"] == "2.00x"
+    assert by["new: axial, GroupNorm(C, C), ReLU in place, channels_last, batch 1, 2 passes side by side, "
+              "s per 256x256x200 (no I/O)"] == "20.00 (CPU 35.0 s)"
+    assert ("old: axial, InstanceNorm2d, out-of-place ReLU, contiguous, batch 16, one pass at a time, "
+            "s per 256x256x200 (no I/O)") in by
+    assert by["old / that time"] == "2.00x"
     assert all("|" not in m and "|" not in v for m, v in by.items())  # Markdown table cells
 
 

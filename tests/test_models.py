@@ -257,3 +257,26 @@ def test_train_step_bench_smoke():
     r = run(width=2, size=32, batch=2, steps=1, warmup=1)
     assert r["slices_per_s"] > 0 and r["train_flops_per_slice"] > r["fwd_flops_per_slice"] > 0
     assert r["frac_peak"] is None
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_relu_in_place_changes_no_number(norm):
+    """The norm-ReLU pairs overwrite the norm's output; forward and gradients equal the out-of-place
+    form's exactly (the norms' backward keeps their input, not their output)."""
+    from bench.train_step import set_relu_inplace
+    from models.blocks import NormReLUModule
+
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for inplace in (True, False):
+        model = set_relu_inplace(_model({"width": 8}, norm=norm), inplace).train()
+        assert all(m.relu_inplace is inplace for m in model.modules() if isinstance(m, NormReLUModule))
+        out = model(x, perturb="encoder", perturb_from=1)
+        loss = out.logits.square().mean() + sum(s.square().mean() for s in out.scales) + \
+            out.fp_logits.square().mean()
+        loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)

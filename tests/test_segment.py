@@ -115,6 +115,32 @@ def test_predict_stack_blending_is_normalised(tile):
         np.testing.assert_allclose(first[:, 0], ref, atol=1e-6)
 
 
+def test_predict_stack_side_by_side_passes_give_the_same_probabilities():
+    """CPU workers (threads each running whole passes) change the speed, not a single probability;
+    the intra-op thread count is restored, and a failing pass fails the call."""
+    from inference.segment import predict_stack
+
+    cfg = load_config()
+    stack = np.random.default_rng(2).uniform(-1, 1, (7, 24, 20)).astype(np.float32)
+    lm = loaded(ConvModel(), cfg, "axial", block=16)
+    threads = torch.get_num_threads()
+    one, two = (np.zeros((4, 7, 24, 20), np.float32) for _ in range(2))
+    predict_stack(lm, stack, one, batch=1, device=torch.device("cpu"), workers=1)
+    predict_stack(lm, stack, two, batch=1, device=torch.device("cpu"), workers=2)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(one.sum(0), 1.0, atol=1e-5)
+    assert torch.get_num_threads() == threads
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> MOSOutput:
+            raise RuntimeError("pass failed")
+
+    with pytest.raises(RuntimeError, match="pass failed"):
+        predict_stack(loaded(Broken(), cfg, "axial", block=16), stack, np.zeros_like(one), batch=1,
+                      device=torch.device("cpu"), workers=2)
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize("shape, tiled", [((80, 12), False), ((40, 40), True)])
 def test_default_tiling_bounds_the_slice_area(shape, tiled):
     """tile=None: whole slices up to (2 x block)^2 pixels, however tall and narrow (a coronal slice of

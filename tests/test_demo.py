@@ -1,0 +1,48 @@
+"""demo.py's in-process commands: printed as typed, failures as the scripts' own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import demo
+from utils.errors import InputError
+
+
+def test_call_prints_the_command_and_returns_its_time(capsys: pytest.CaptureFixture[str]) -> None:
+    seen = []
+
+    def main(argv: list[str] | None) -> int:
+        seen.append(argv)
+        return 0
+
+    t = demo._call(main, Path("/x/segment.py"), ["in dir", "out"])
+    assert seen == [["in dir", "out"]] and t >= 0.0
+    assert capsys.readouterr().out.splitlines()[0].endswith("/x/segment.py 'in dir' out")
+
+
+def test_call_passes_bad_input_on_and_stops_on_a_failing_exit_code() -> None:
+    def bad(argv: list[str] | None) -> int:
+        raise InputError("a.nii", "truncated")
+
+    with pytest.raises(InputError, match="truncated"):
+        demo._call(bad, Path("evaluate.py"), [])
+    with pytest.raises(SystemExit, match="evaluate.py failed with exit code 3"):
+        demo._call(lambda argv: 3, Path("evaluate.py"), [])
+
+
+def test_portable_settings_reach_this_process(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import torch  # noqa: F401 -- loaded, as in any test process after the first torch test
+
+    for k in demo.PORTABLE_CPU_ENV:
+        monkeypatch.delenv(k, raising=False)
+    env = {**demo.PORTABLE_CPU_ENV, "UNRELATED": "1"}
+    demo._use_env_here(env)
+    import os
+
+    assert all(os.environ[k] == v for k, v in demo.PORTABLE_CPU_ENV.items())
+    assert "UNRELATED" not in os.environ
+    # torch is loaded in the test process: the settings cannot take effect, and the demo says so
+    assert "torch was loaded" in capsys.readouterr().out
