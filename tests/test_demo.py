@@ -34,15 +34,15 @@ def test_call_passes_bad_input_on_and_stops_on_a_failing_exit_code() -> None:
 
 def test_portable_settings_reach_this_process(monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import torch  # noqa: F401 -- loaded, as in any test process after the first torch test
-
-    for k in demo.PORTABLE_CPU_ENV:
-        monkeypatch.delenv(k, raising=False)
-    env = {**demo.PORTABLE_CPU_ENV, "UNRELATED": "1"}
-    demo._use_env_here(env)
     import os
 
-    assert all(os.environ[k] == v for k, v in demo.PORTABLE_CPU_ENV.items())
-    assert "UNRELATED" not in os.environ
+    import torch  # noqa: F401 -- loaded, as in any test process after the first torch test
+
+    # a copy of the environment: the real one (and later tests' subprocesses) stays as it was
+    env_now = {k: v for k, v in os.environ.items() if k not in demo.PORTABLE_CPU_ENV}
+    monkeypatch.setattr(os, "environ", env_now)
+    demo._use_env_here({**demo.PORTABLE_CPU_ENV, "UNRELATED": "1"})
+    assert all(env_now[k] == v for k, v in demo.PORTABLE_CPU_ENV.items())
+    assert "UNRELATED" not in env_now
     # torch is loaded in the test process: the settings cannot take effect, and the demo says so
     assert "torch was loaded" in capsys.readouterr().out
