@@ -145,8 +145,9 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
             None = whole slices up to the area of a square of twice the training block, tiles of
             the block beyond.
         workers: threads running forward passes side by side, each on its own batches with an equal
-            share of the intra-op threads (restored afterwards); None = :func:`cpu_workers`. A
-            slice's probabilities do not depend on it: every batch is the same computation.
+            share of the intra-op threads (restored afterwards); None = :func:`cpu_workers`. Every
+            batch is the same computation whichever thread runs it; a different intra-op thread
+            count per pass may change the last bits of a convolution.
     """
     model = loaded.model
     if device is None:
@@ -208,10 +209,16 @@ def predict_stack(loaded: LoadedModel, stack: np.ndarray, out: np.ndarray, *, ba
     torch.set_num_threads(max(1, threads // workers))  # new threads take this count too
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
-            for done in as_completed([pool.submit(predict_batch, s) for s in starts]):
-                done.result()  # a worker's exception is raised here
-                if progress is not None:
-                    progress.update(1)
+            futures = [pool.submit(predict_batch, s) for s in starts]
+            try:
+                for done in as_completed(futures):
+                    done.result()  # a worker's exception is raised here
+                    if progress is not None:
+                        progress.update(1)
+            except BaseException:
+                for f in futures:  # a failed pass or Ctrl-C: do not run the rest of the stack first
+                    f.cancel()
+                raise
     finally:
         torch.set_num_threads(threads)
 
