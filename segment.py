@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average over the flips the model was trained with")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch", type=int, default=None,
-                   help="slices per forward pass (default: 2 on a CPU, 16 on a GPU)")
+                   help="slices per forward pass (default: 1 on a CPU, one pass per core side by side; "
+                        "16 on a GPU)")
     p.add_argument("--tile", type=int, default=None,
                    help="in-plane sliding-window size (0 or a multiple of 16); 0 = whole slices; default: "
                         "whole slices up to the area of a square of twice the training block, tiles of "
