@@ -79,7 +79,7 @@ def _call(main: Callable[[list[str] | None], int | None], script: Path, argv: li
     """Run a script's ``main`` in this process, printed as the command it stands for.
 
     Segmenting and scoring are 8 short commands; as processes, each paid for loading torch and its
-    libraries again (~1.5 s here, ~4 s on a slow machine). Bad input raises InputError as it would
+    libraries again (8 s of the demo here). Bad input raises InputError as it would
     in the script: ``run_cli`` of the demo turns it into the same one line and exit code 2.
     """
     _show([sys.executable, str(script), *argv])
