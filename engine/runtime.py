@@ -102,10 +102,16 @@ def init_distributed(device: torch.device) -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(synchronize: bool = False) -> None:
+    """Leave the process group. ``synchronize`` (a run that ended normally on every rank): wait at a
+    barrier first, so that no rank tears its gloo connections down while another still uses them
+    (seen once in CI: rank 1 aborted with "terminate called without an active exception" as rank 0
+    left). After an error there is no barrier: the other ranks may never reach it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

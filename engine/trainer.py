@@ -87,13 +87,16 @@ def fit(opts: TrainOptions) -> dict[str, Any]:
     device, amp_dtype = run_device(opts)
     dist = init_distributed(device)
     run_log = RunLog(dist.rank)
+    ended = False
     try:
         trainer = Trainer(opts, config, device, amp_dtype, dist, t_start)
         trainer.build()
-        return trainer.run(run_log)
+        summary = trainer.run(run_log)
+        ended = True
+        return summary
     finally:
         run_log.close()
-        shutdown_distributed()
+        shutdown_distributed(synchronize=ended)
 
 
 class Trainer:
