@@ -110,7 +110,8 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
                     "relu_inplace": False},
             "new": {"width": 16, "size": 96, "batch": 8, "norm_kernel": "groupnorm"},
             "steps": 8, "warmup": 2, "threads": threads},
-        # axial, no I/O: old = InstanceNorm2d, contiguous; new = GroupNorm, channels_last
+        # axial, no I/O: old = InstanceNorm2d, out-of-place ReLU, contiguous, 16 slices per pass; new =
+        # segment.py's CPU default; one_pass = the previous CPU default (compare_inference)
         "inference_compare": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": 16,
                               "threads": threads},
     }
@@ -313,7 +314,8 @@ def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
     for name, kernel, inplace, cl, b, workers in runs:
         r = run(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
                 relu_inplace=inplace, channels_last=cl, batch=b, workers=workers, **kwargs)
-        out[name] = {"norm_kernel": kernel, "channels_last": cl, "batch": r["batch"], "workers": r["workers"],
+        out[name] = {"norm_kernel": kernel, "relu_inplace": inplace, "channels_last": cl, "batch": r["batch"],
+                     "workers": r["workers"],
                      "axial_s": r["axial_s"], "axial_cpu_s": r["axial_cpu_s"],
                      "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
     out["ratio"] = out["old"]["axial_s"] / out["new"]["axial_s"]
