@@ -176,7 +176,14 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Every run: `Final.py` {o['steps_per_epoch'] * o['epochs']} labeled steps ({o['epochs']} epochs x "
         f"{o['steps_per_epoch']}), batch {o['batch']}, width {o['width']}, {o['inplane']}x{o['inplane']} "
         f"in-plane, {o['blocksize']} crops; semi runs use Final.py's defaults and add 2 x "
-        f"{o['unlabeled_batch']} unlabeled slices per step after the warm-up.", "",
+        f"{o['unlabeled_batch']} unlabeled slices per step after the warm-up"
+        + (f"; every run also got `{o['final_args']}`" if o.get("final_args") else "") + ".", "",
+    ]
+    if report.get("phantom_draws"):
+        lines += ["Phantoms drawn separately for the labeled counts "
+                  + ", ".join("/".join(map(str, d)) for d in report["phantom_draws"])
+                  + " (one ablation each, joined with `--merge`): runs pair within a labeled count only.", ""]
+    lines += [
         format_table(runs, organs),
     ]
     for v in variants:
@@ -186,7 +193,8 @@ def format_markdown(report: dict[str, Any]) -> str:
               f"Machine: {m.get('cpu_model', 'n/a')}, {m.get('cores', 'n/a')} cores, GPU "
               f"{', '.join(m.get('gpus') or []) or 'none'}, torch {m.get('torch', 'n/a')}; load average "
               f"(1 min) {report.get('load_avg_start')} at start, {report.get('load_avg_end')} at the end; "
-              f"total {report.get('seconds', 0) / 60:.1f} min."]
+              + (f"the joined ablations took {', '.join(f'{x / 60:.1f}' for x in report['seconds_each'])} "
+                 "min." if report.get("seconds_each") else f"total {report.get('seconds', 0) / 60:.1f} min.")]
     return "\n".join(lines) + "\n"
 
 
@@ -280,20 +288,33 @@ def merge_reports(folders: list[Path], out: Path) -> dict[str, Any]:
             reports.append(json.loads((f / "ablation.json").read_text()))
         except (OSError, ValueError) as err:
             raise InputError(f / "ablation.json", f"cannot read the ablation report ({err})") from None
-    keys = ("labeled", "unlabeled", "val", "held_out", "scale", "steps", "epochs", "inplane", "width",
-            "blocksize", "batch", "unlabeled_batch", "seed")
+    # Everything that decides a run's result must agree, but the labeled counts: folders of different
+    # counts are separate studies (one phantom draw each), joined in one table and figure.
+    keys = ("unlabeled", "val", "held_out", "scale", "steps", "epochs", "inplane", "width",
+            "blocksize", "batch", "unlabeled_batch", "seed", "final_args")
     first = reports[0]["options"]
     for f, r in zip(folders, reports):
-        differ = [k for k in keys if r["options"].get(k) != first.get(k)]
+        differ = [k for k in keys if r["options"].get(k, "") != first.get(k, "")]
         if differ:
             raise InputError(f / "ablation.json", f"options differ from {folders[0]}: {', '.join(differ)}")
+    draws = sorted({tuple(r["options"]["labeled"]) for r in reports})
+    for a in draws:
+        for b in draws:
+            # two draws sharing a labeled count would put unpaired runs into one row
+            if a != b and set(a) & set(b):
+                raise InputError(folders[0] / "ablation.json", f"labeled counts {list(a)} and {list(b)} "
+                                 "overlap but come from different phantom draws")
     merged = dict(reports[0])
     # one table row per setting and variant, settings in order: runs of several folders interleave
     runs = [run for r in reports for run in r["runs"]]
     merged["runs"] = sorted(runs, key=lambda run: run.get("labeled_per_dataset") or 0)
-    merged["options"] = {**first, "train_seeds": sorted({s for r in reports
-                                                          for s in r["options"].get("train_seeds", [])})}
+    merged["options"] = {**first, "labeled": sorted({n for d in draws for n in d}),
+                         "train_seeds": sorted({s for r in reports
+                                                for s in r["options"].get("train_seeds", [])})}
+    if len(draws) > 1:
+        merged["phantom_draws"] = [list(d) for d in draws]
     merged["seconds"] = max(r.get("seconds", 0) for r in reports)
+    merged["seconds_each"] = [r.get("seconds", 0) for r in reports]
     merged["merged_from"] = [str(f) for f in folders]
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, merged)

@@ -242,6 +242,37 @@ def test_ablation_merge(tmp_path):
     (tmp_path / "b" / "ablation.json").write_text(json.dumps({"options": {**opts, "steps": 1}, "runs": []}))
     with pytest.raises(InputError, match="steps"):
         rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    (tmp_path / "b" / "ablation.json").write_text(json.dumps(
+        {"options": {**opts, "final_args": "--semi-weights 2 0.5 0.25 0.25"}, "runs": []}))
+    with pytest.raises(InputError, match="final_args"):
+        rep.merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+
+
+def test_ablation_merge_of_separate_labeled_counts(tmp_path):
+    """Studies of one labeled count each (their own phantom draws) join into one table, said so;
+    two draws holding the same count would pair runs of different phantoms and are refused."""
+    from bench import ablation_report as rep
+    from utils.errors import InputError
+
+    opts = {**ablation.asdict(_options()), "steps_per_epoch": 30,
+            "final_args": "--semi-weights 2 0.5 0.25 0.25"}
+    for name, n, secs in (("one", 1, 60), ("four", 4, 120), ("four_head", 4, 30)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ablation.json").write_text(json.dumps(
+            {"options": {**opts, "labeled": [n], "train_seeds": [0]}, "seconds": secs,
+             "runs": [_run("tal", 0, 0.6, 0.6, labeled=n), _run("tal+semi", 0, 0.7, 0.7, labeled=n)]}))
+    merged = rep.merge_reports([tmp_path / "four", tmp_path / "one", tmp_path / "four_head"], tmp_path / "m")
+    assert merged["options"]["labeled"] == [1, 4] and merged["phantom_draws"] == [[1], [4]]
+    md = (tmp_path / "m" / "ablation.md").read_text()
+    assert "(1, 4 labeled phantoms per dataset" in md
+    assert "Phantoms drawn separately for the labeled counts 1, 4" in md
+    assert "every run also got `--semi-weights 2 0.5 0.25 0.25`" in md
+    assert "the joined ablations took 2.0, 1.0, 0.5 min" in md
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "ablation.json").write_text(json.dumps(
+        {"options": {**opts, "labeled": [1, 2], "train_seeds": [0]}, "runs": []}))
+    with pytest.raises(InputError, match="overlap"):
+        rep.merge_reports([tmp_path / "one", tmp_path / "mixed"], tmp_path / "m2")
 
 
 def test_training_root_keeps_first_labeled_cases(tmp_path):
