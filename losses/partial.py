@@ -58,13 +58,33 @@ def merge_log_probs(logits: Tensor, labeled_mask: Tensor) -> Tensor:
 def _merge(log_probs: Tensor, labeled: Tensor) -> Tensor:
     """``log_probs`` (..., B, C, H, W) and ``labeled`` (B, C) -> merged log-probs, same shape."""
     lab = labeled[..., None, None]  # (B, C, 1, 1) broadcasts over any leading axes
-    in_bg = ~lab
+    neg_inf = torch.tensor(float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
+    organs = torch.where(lab[:, 1:], log_probs[..., 1:, :, :], neg_inf)
+    return torch.cat([_merged_background(log_probs, labeled), organs], dim=-3)
+
+
+def _merged_background(log_probs: Tensor, labeled: Tensor) -> Tensor:
+    """Channel 0 of :func:`_merge`: log of background + every unlabeled organ, (..., B, 1, H, W)."""
+    in_bg = ~labeled[..., None, None]
     in_bg[:, 0] = True
     neg_inf = torch.tensor(float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
     # masked entries are -inf: logsumexp gives them weight exp(-inf) = 0, so their gradient is 0, not NaN
-    bg = torch.logsumexp(torch.where(in_bg, log_probs, neg_inf), dim=-3, keepdim=True)
-    organs = torch.where(lab[:, 1:], log_probs[..., 1:, :, :], neg_inf)
-    return torch.cat([bg, organs], dim=-3)
+    return torch.logsumexp(torch.where(in_bg, log_probs, neg_inf), dim=-3, keepdim=True)
+
+
+def _merged_nll(log_probs: Tensor, tgt: _Target) -> Tensor:
+    """``-merged[target]`` per pixel, (K, B, H, W), without building the merged tensor.
+
+    A target is background (merged channel 0) or an organ its sample labels, whose merged log-prob is
+    its own log-prob: so only the background merge is computed, and the gather reads the log-probs.
+    Same values and gradients, bit for bit, as gathering from :func:`_merge` (each log-prob gets its
+    gradient from one of the two branches only; tested), minus a (K, B, C, H, W) ``where`` and ``cat``
+    and their backward.
+    """
+    k = log_probs.shape[0]
+    index = tgt.index.expand(k, -1, -1, -1, -1)
+    own = log_probs.gather(2, index)
+    return -torch.where(index == 0, _merged_background(log_probs, tgt.labeled), own).squeeze(2)
 
 
 def _check_mask(logits: Tensor, labeled_mask: Tensor) -> None:
@@ -145,15 +165,14 @@ def _prepare(logits_shape: torch.Size, target: Tensor, labeled_mask: Tensor, cla
 
 def _losses(logits: Tensor, tgt: _Target, dice_weight: float) -> Tensor:
     """Loss of each of K outputs: ``logits`` (K, B, C, H, W) -> (K,) float32."""
-    merged = _merge(F.log_softmax(logits.float(), dim=2), tgt.labeled)
-    k = merged.shape[0]
-    nll = -merged.gather(2, tgt.index.expand(k, -1, -1, -1, -1)).squeeze(2)  # (K, B, H, W)
+    log_probs = F.log_softmax(logits.float(), dim=2)
+    nll = _merged_nll(log_probs, tgt)  # (K, B, H, W)
     # weighted-CE normalisation (PyTorch's): sum w_t * pixel_weight * nll / sum w_t over kept pixels.
     # All pixels ignored: numerator and denominator are both 0 and the loss is 0.
     ce = (tgt.pixel * nll).sum(dim=(1, 2, 3)) / tgt.denom.clamp_min(1e-12)
     if dice_weight == 0:
         return ce
-    return ce + dice_weight * _soft_dice(merged, tgt)
+    return ce + dice_weight * _soft_dice(_merge(log_probs, tgt.labeled), tgt)
 
 
 def _soft_dice(merged: Tensor, tgt: _Target) -> Tensor:

@@ -283,6 +283,36 @@ def test_deep_supervised_loss_on_model_output():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_nll_without_the_merged_tensor_is_bit_identical_to_gathering_from_it():
+    """The loss gathers an organ target's log-prob straight from the log-softmax and merges only the
+    background (what the merged tensor holds there): the values and the gradients must equal, bit for
+    bit, those of gathering from the full merged tensor, which the loss built before."""
+    g = torch.Generator().manual_seed(5)
+    b, c = 4, 4
+    z = (3 * torch.randn(5, b, c, 8, 8, generator=g)).requires_grad_()
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [1, 0, 0, 1]], dtype=torch.bool)
+    t = torch.randint(0, c, (b, 8, 8), generator=g)
+    t[~mask.gather(1, t.flatten(1)).view_as(t)] = 0  # only classes the sample labels
+    t[0, :2] = 255
+    w = torch.rand(b, 8, 8, generator=g)
+
+    def weighted_ce(nll):
+        keep = (t != 255).float()
+        cw = torch.tensor([1.0, 3.0, 3.0, 3.0])[torch.where(t == 255, 0, t)]
+        return ((cw * keep * w) * nll).sum(dim=(1, 2, 3)) / (cw * keep).sum()
+
+    merged = torch.stack([merge_log_probs(z[k], mask) for k in range(5)])
+    index = torch.where(t == 255, 0, t)[None, :, None].expand(5, -1, -1, -1, -1)
+    ref = weighted_ce(-merged.gather(2, index).squeeze(2))
+    (ref_grad,) = torch.autograd.grad(ref.sum(), z)
+    out = SimpleNamespace(logits=z[0], scales=list(z[1:]))
+    got = DeepSupervisedLoss(class_weights=(1.0, 3.0), fused_weight=1.0, scale_weights=[1.0] * 4)(
+        out, t, mask, pixel_weight=w)
+    assert torch.equal(torch.cat([got["fused"][None], got["scales"]]), ref)
+    (grad,) = torch.autograd.grad(got["loss"], z)
+    assert torch.equal(grad, ref_grad)
+
+
 # --- errors --------------------------------------------------------------------------------------------
 
 def test_errors():
