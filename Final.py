@@ -121,9 +121,12 @@ def _semi_args(p: argparse.ArgumentParser) -> None:
                    help="CE weights of the pseudo-label losses. Unlike labels, pseudo-labels feed back: "
                         "weighting organs up makes predicted organs grow every round (measured on phantoms: "
                         "liver precision 0.13 after 400 semi steps with 0.2 1.2)")
-    g.add_argument("--semi-weights", type=float, nargs=4, default=(1.0, 0.5, 0.25, 0.25),
+    g.add_argument("--semi-weights", type=float, nargs=4, default=(2.0, 0.5, 0.25, 0.25),
                    metavar=("X", "FP", "S1", "S2"),
-                   help="weights of the labeled, feature-perturbed and two strong-view losses")
+                   help="weights of the labeled, feature-perturbed and two strong-view losses. The labeled "
+                        "loss counts twice (UniMatch: once): on phantoms trained until supervised training "
+                        "overfits, TAL + semi was then +0.085, +0.028, +0.004 mean Dice ahead of TAL at 1, 2, "
+                        "4 labeled volumes per dataset (3 seeds; README)")
     g.add_argument("--semi-divisor", type=float, default=2.0,
                    help="the weighted sum is divided by this (the original's / 2)")
     g.add_argument("--semi-warmup", type=float, default=0.3,

@@ -65,7 +65,7 @@ class TrainOptions:
     threshold: str = "schedule"
     organ_threshold: float | None = 0.5
     unsup_class_weights: tuple[float, float] = (1.0, 1.0)
-    semi_weights: tuple[float, float, float, float] = (1.0, 0.5, 0.25, 0.25)
+    semi_weights: tuple[float, float, float, float] = (2.0, 0.5, 0.25, 0.25)
     semi_divisor: float = 2.0
     semi_warmup: float = 0.3
     semi_rampup: float = 0.1

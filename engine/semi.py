@@ -136,7 +136,8 @@ class SemiConfig:
     """Settings of the semi-supervised step.
 
     Attributes:
-        w_x, w_fp, w_s1, w_s2: weights of the supervised, feature-perturbation and two strong-view losses.
+        w_x, w_fp, w_s1, w_s2: weights of the supervised, feature-perturbation and two strong-view losses
+            (the supervised one 2, UniMatch 1: see Final.py --semi-weights).
         divisor: the weighted sum is divided by this (the original's ``/ 2``).
         pseudo: ``"merged"`` or ``"full"`` (see :func:`pseudo_label`).
         teacher: ``"self"`` (UniMatch) or ``"ema"`` (mean teacher).
@@ -151,7 +152,7 @@ class SemiConfig:
         aug: strong augmentation settings.
     """
 
-    w_x: float = 1.0
+    w_x: float = 2.0
     w_fp: float = 0.5
     w_s1: float = 0.25
     w_s2: float = 0.25

@@ -289,7 +289,8 @@ def test_semi_step_finite_backward(teacher_kind, pseudo, norm):
     assert set(out) == {"loss", "loss_x", "loss_fp", "loss_s1", "loss_s2", "mask_ratio", "conf_mean"}
     assert all(bool(torch.isfinite(v)) for v in out.values())
     assert out["loss"].requires_grad and not any(out[k].requires_grad for k in out if k != "loss")
-    expected = (out["loss_x"] + 0.5 * out["loss_fp"] + 0.25 * out["loss_s1"] + 0.25 * out["loss_s2"]) / 2
+    # the default weights (2, 0.5, 0.25, 0.25) and divisor 2
+    expected = (2 * out["loss_x"] + 0.5 * out["loss_fp"] + 0.25 * out["loss_s1"] + 0.25 * out["loss_s2"]) / 2
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0.0 <= out["mask_ratio"].item() <= 1.0 and 0.25 <= out["conf_mean"].item() <= 1.0
     out["loss"].backward()
@@ -347,7 +348,7 @@ def test_semi_step_nothing_confident_leaves_supervised_loss():
                     SemiConfig(teacher="self", organ_threshold=None), torch.Generator().manual_seed(0))
     assert out["loss_fp"].item() == out["loss_s1"].item() == out["loss_s2"].item() == 0.0
     assert out["mask_ratio"].item() == 0.0
-    assert out["loss"].item() == pytest.approx(out["loss_x"].item() / 2)
+    assert out["loss"].item() == pytest.approx(out["loss_x"].item())  # (w_x L_x) / divisor = 2 L_x / 2
 
 
 @pytest.mark.parametrize("pseudo", ["merged", "full"])
