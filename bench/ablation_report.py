@@ -298,12 +298,11 @@ def merge_reports(folders: list[Path], out: Path) -> dict[str, Any]:
         if differ:
             raise InputError(f / "ablation.json", f"options differ from {folders[0]}: {', '.join(differ)}")
     draws = sorted({tuple(r["options"]["labeled"]) for r in reports})
-    for a in draws:
-        for b in draws:
-            # two draws sharing a labeled count would put unpaired runs into one row
-            if a != b and set(a) & set(b):
-                raise InputError(folders[0] / "ablation.json", f"labeled counts {list(a)} and {list(b)} "
-                                 "overlap but come from different phantom draws")
+    counts = [n for d in draws for n in d]
+    shared = sorted({n for n in counts if counts.count(n) > 1})
+    if shared:  # two draws holding one labeled count would put unpaired runs into one row
+        raise InputError(folders[0] / "ablation.json", f"labeled counts {shared} overlap between the phantom "
+                         f"draws {[list(d) for d in draws]}")
     merged = dict(reports[0])
     # one table row per setting and variant, settings in order: runs of several folders interleave
     runs = [run for r in reports for run in r["runs"]]
