@@ -22,6 +22,8 @@ DIRECTION_TOL = 1e-3
 # Slice positions of a DICOM series may differ from even spacing by this fraction of the spacing
 # (plus 1e-3 mm) before the series counts as incomplete.
 DICOM_GAP_TOL = 0.05
+# Files of a DICOM series folder are named like this (no suffix, .dcm, .ima; case-insensitive).
+DICOM_SUFFIXES = ("", ".dcm", ".ima")
 
 
 def _sitk():
@@ -94,6 +96,23 @@ def _dicom_positions(folder: Path, files: list[str]) -> None:
                          f"where the series spacing is {step:.3g} mm")
 
 
+def _check_all_parsed(folder: Path, series: list[tuple[str, ...]]) -> None:
+    """Refuse a DICOM folder with a file that belongs to no series.
+
+    GDCM silently leaves out a file it cannot parse. In the middle of a series that shows up as a
+    gap (:func:`_dicom_positions`), but a corrupt first or last slice would just make the volume one
+    slice shorter, so every file of the folder must be in some series (``DICOMDIR`` aside).
+
+    Raises:
+        InputError: naming the first such file.
+    """
+    parsed = {Path(f).resolve() for files in series for f in files}
+    for f in sorted(folder.iterdir()):
+        if (f.is_file() and not f.name.startswith(".") and f.suffix.lower() in DICOM_SUFFIXES
+                and f.name.upper() != "DICOMDIR" and f.resolve() not in parsed):
+            raise InputError(f, "DICOM file is corrupt or unreadable (GDCM finds no series in it)")
+
+
 def _is_nifti_file(path: Path) -> bool:
     """A regular file named ``.nii`` / ``.nii.gz`` (case-insensitive): the files the NIfTI checks read."""
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
@@ -145,9 +164,10 @@ def _read_image(path: Path):
         ids = reader.GetGDCMSeriesIDs(str(path))
         if not ids:
             raise InputError(path, "folder holds no DICOM series")
+        series = [reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids]
+        _check_all_parsed(path, series)
         # A folder may hold scouts or several reconstructions: take the series with most slices.
-        files = max((reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len)
-        # A corrupt slice is left out of the series by GDCM: it shows up as a gap.
+        files = max(series, key=len)
         _dicom_positions(path, list(files))
         reader.SetFileNames(files)
         return reader.Execute()

@@ -30,6 +30,7 @@ import numpy as np
 
 from data.readers import (  # noqa: F401 -- re-exported: callers import them from data.volume
     DICOM_GAP_TOL,
+    DICOM_SUFFIXES,
     DIRECTION_TOL,
     NIFTI_SUFFIXES,
     _load_nifti2,
@@ -295,9 +296,6 @@ def strip_volume_suffix(name: str) -> str:
         if lower.endswith(suf):
             return name[: -len(suf)]
     return name
-
-
-DICOM_SUFFIXES = ("", ".dcm", ".ima")
 
 
 def is_dicom_dir(path: str | Path) -> bool:

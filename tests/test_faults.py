@@ -355,6 +355,24 @@ def test_dicom_series_with_a_corrupt_slice_is_refused(dicom_series):
     assert exc.value.path in (str(dicom_series), str(f))
 
 
+@pytest.mark.parametrize("index", [0, 5])
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_dicom_series_with_a_corrupt_end_slice_is_refused_not_shortened(dicom_series, index, damage):
+    # GDCM leaves an unparsable file out of the series; at either end that leaves no gap, so without
+    # the check the volume would silently be one slice shorter (5 of 6).
+    f = dicom_series / f"slice_{index:04d}.dcm"
+    data = f.read_bytes()
+    f.write_bytes(b"\0" * 200 if damage == "zeroed" else data[: len(data) // 2])
+    with pytest.raises(InputError, match="corrupt or unreadable") as exc:
+        read_volume(dicom_series)
+    assert exc.value.path == str(f)
+
+
+def test_dicomdir_beside_a_series_is_not_a_slice(dicom_series):
+    (dicom_series / "DICOMDIR").write_bytes(b"\0" * 200)
+    assert read_volume(dicom_series).geometry.shape == (6, 16, 16)
+
+
 def test_resample_dicom_gap_is_one_line(tmp_path, dicom_series):
     (dicom_series / "slice_0001.dcm").unlink()
     raw = tmp_path / "raw"
