@@ -126,10 +126,11 @@ def _ground_truths(args, jobs: list, geometries: dict, eval_config) -> tuple:
 
     Raises:
         InputError: a missing ground truth, one file for a folder of inputs, a case without ground
-            truth, or a ground truth on another grid.
+            truth, two ground truths with one case key, or a ground truth on another grid.
     """
     from pathlib import Path
 
+    from data.layout import index_by_key
     from data.volume import read_geometry, same_physical_grid
     from inference.evaluation import case_key, class_spec, list_volume_files
     from utils.errors import InputError
@@ -146,7 +147,7 @@ def _ground_truths(args, jobs: list, geometries: dict, eval_config) -> tuple:
     else:
         img_tok = spec.gt_dataset.image_token if spec.gt_dataset else None
         lab_tok = spec.gt_dataset.label_token if spec.gt_dataset else None
-        by_key = {case_key(p, lab_tok): p for p in list_volume_files(gt_root)}
+        by_key = index_by_key(list_volume_files(gt_root), lambda p: case_key(p, lab_tok), "ground truths")
         for src, _ in jobs:
             key = case_key(src, img_tok)
             if key not in by_key:
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         summarize,
     )
     from inference.segment import plan_outputs, resolve_device, segment_volume
+    from utils.fileio import check_writable
 
     views = _views(args)
     _check_flags(args)
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Check everything before segmenting anything.
     jobs = plan_outputs(args.input, args.output)
+    for folder in sorted({dst.parent for _, dst in jobs}):
+        check_writable(folder, "output folder")  # a read-only folder fails now, not after the first volume
     # One input is read whole now (it is needed anyway, and a corrupt body fails before any work);
     # a folder is checked by headers, each volume read when its turn comes.
     preloaded = {jobs[0][0]: read_volume(jobs[0][0])} if len(jobs) == 1 else {}

@@ -71,6 +71,12 @@ def _verify_written(tmp: Path, volume: Volume, target: Path) -> None:
                          f"{volume.geometry.size})")
 
 
+# An .mhd header keeps its voxels in a separate file that ITK names after the temporary file being
+# written: only the header would be renamed, and the orphaned data file is later cleaned up as stale.
+MHD_OUTPUT = "cannot write .mhd (its voxels go to a separate file that cannot be replaced atomically); " \
+    "name the output .mha (the same format in one file)"
+
+
 def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> None:
     """Write a volume with its exact geometry, atomically and verified (no partial file on failure).
 
@@ -79,13 +85,16 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Non
     there also counts as a failure.
 
     Raises:
-        InputError: when the output folder cannot be created or written, the disk is full, or the
-            volume's direction is not orthonormal (NIfTI would store a different grid).
+        InputError: when the output folder cannot be created or written, the disk is full, the
+            volume's direction is not orthonormal (NIfTI would store a different grid), or ``path``
+            is an ``.mhd`` header (see ``MHD_OUTPUT``).
     """
     from utils.fileio import atomic_path
 
     sitk = _sitk()
     path = Path(path)
+    if path.name.lower().endswith(".mhd"):
+        raise InputError(path, MHD_OUTPUT)
     check_direction(path, volume.geometry.direction)
     check_spacing(path, volume.geometry.spacing)
     img = to_sitk(volume)

@@ -17,9 +17,10 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
 
     Raises:
         InputError: missing input, empty folder, output that would overwrite an input, or an output
-            name without a volume suffix.
+            name without a volume suffix or with ``.mhd`` (written as two files, not atomically).
     """
     from data.volume import VOLUME_SUFFIXES, output_name
+    from data.volume_writer import MHD_OUTPUT
     from inference.evaluation import list_volume_files
 
     src, dst = Path(input_path), Path(output_path)
@@ -32,6 +33,8 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
         if not dst.name.lower().endswith(VOLUME_SUFFIXES):
             raise InputError(dst, "output must be a volume file (.nii.gz, .nii, .mha, .nrrd) or an "
                              "existing folder")
+        if dst.name.lower().endswith(".mhd"):
+            raise InputError(dst, MHD_OUTPUT)  # refused before any work, not after the first volume
         return dst
 
     if src.is_file():

@@ -379,6 +379,13 @@ def test_plan_outputs(tmp_path):
         plan_outputs(f, tmp_path / "o.txt")
     with pytest.raises(InputError, match="overwrite"):
         plan_outputs(f, f)
+    # an .mhd output would be two files (header + voxels), only one of them renamed into place
+    with pytest.raises(InputError, match=r"\.mha"):
+        plan_outputs(f, tmp_path / "o.MHD")
+    with pytest.raises(InputError, match=r"\.mha"):
+        write_volume(Volume(np.zeros((2, 3, 4), np.int16), Geometry((2, 3, 4), (1, 1, 1), (0, 0, 0))),
+                     tmp_path / "o.mhd")
+    assert not list(tmp_path.glob("*o.*"))
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "b.nii").write_bytes(b"x")
@@ -477,6 +484,37 @@ def test_cli_bad_input(tmp_path, capsys, problem):
     assert "Traceback" not in err
     assert not out.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no temporary left behind
+
+
+def test_cli_unwritable_output_folder_fails_before_any_segmentation(tmp_path, capsys, monkeypatch):
+    import inference.segment
+
+    def segmented(*args, **kwargs):
+        raise AssertionError("segmented before the output folder was checked")
+
+    monkeypatch.setattr(inference.segment, "segment_volume", segmented)
+    _ckpt(tmp_path / "models")
+    img, _ = _case(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"a file where the output folder's parent should be")
+    out = blocker / "sub" / "seg.nii.gz"
+    code = _cli([str(img), str(out), "--network_path", str(tmp_path / "models"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {blocker / 'sub'}: cannot create output folder")
+    assert blocker.read_bytes().startswith(b"a file")
+
+
+def test_cli_two_ground_truths_with_one_case_key_are_refused(tmp_path, capsys):
+    _ckpt(tmp_path / "models")
+    img, gt = _case(tmp_path)
+    write_volume(read_volume(gt), gt.with_name("case_001.nii"))  # which one would be scored?
+    code = _cli([str(img.parent), str(tmp_path / "out"), "--network_path", str(tmp_path / "models"),
+                 "--device", "cpu", "--evaluating", "--label_filename", str(gt.parent)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "two ground truths with the same case key 'case_001'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def _dicom_series(folder: Path, shape=(6, 20, 24)) -> np.ndarray:
