@@ -156,9 +156,10 @@ def resample_to_grid(volume: Volume, size: Sequence[int], is_label: bool,
     """
     canon, orientation = to_canonical(volume)
     plan = plan_inplane(canon.array.shape[1:], canon.geometry.spacing, size, spacing_mm)
-    if plan.pre == ((0, 0), (0, 0)) and plan.post == ((0, 0), (0, 0)):
-        # Already the grid's aspect: the plain resampling on the stored grid, as before padding
-        # existed (s1 goes to the lower-numbered in-plane index axis, as it always did).
+    if plan.pre == ((0, 0), (0, 0)) and plan.post == ((0, 0), (0, 0)) and size[0] == size[1]:
+        # Already the grid's (square) aspect: the plain resampling on the stored grid, as before
+        # padding existed. Only for a square grid: resample_inplane gives s1 to the lower-numbered
+        # stored in-plane axis, which is the rows, not the columns, of a transposed storage order.
         return resample_inplane(volume, size, is_label=is_label)
     out = apply_plan(canon, plan, is_label=is_label)
     if not is_label and volume.array.dtype != out.array.dtype:

@@ -207,3 +207,22 @@ def test_resample_to_grid_non_square_keeps_order_and_physics():
     assert (canon_out.array[:, :5] == 0).all()
     np.testing.assert_allclose(canon_out.geometry.index_to_world(np.array([0, 5, 0])),
                                canon_in.geometry.index_to_world(np.array([0, 0, 0])), atol=1e-6)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_resample_to_grid_non_square_grid_goes_to_the_canonical_axes(transposed):
+    # A 30 x 20 mm slice (columns L x rows P) onto a 15 x 10 grid: already the grid's aspect, so
+    # nothing is padded, and s1 = 15 must land on the columns however the volume is stored (slices
+    # first, or rows and columns swapped), or the 2 mm pixels become 1.33 x 3 mm ones.
+    labels = np.zeros((9, 20, 30), np.uint8)
+    labels[:, 4:16, 6:12] = 1
+    canon = Volume(labels, Geometry((9, 20, 30), (1.0, 1.0, 2.0), (5.0, -3.0, 2.0)))
+    d = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0) if transposed else (0.0, 0.0, 1.0, 1.0, 0.0, 0.0,
+                                                                         0.0, 1.0, 0.0)
+    stored = to_storage(canon, d)
+    assert stored.array.shape != canon.array.shape
+    out = resample_to_grid(stored, (15, 10), is_label=True)
+    back, _ = to_canonical(out)
+    assert back.array.shape == (9, 10, 15)
+    np.testing.assert_allclose(back.geometry.spacing, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(back.array, labels[:, 1::2, 1::2])
