@@ -345,7 +345,9 @@ class Trainer:
             teacher = self.teacher
             if teacher is not None:
                 # the mean teacher is often the better model: validated beside the student, and the
-                # better of the two is what resu_best serves to segment.py
+                # better of the two is what resu_best serves to segment.py. Its BatchNorm statistics
+                # are copied from each rank's own student after every step: rank 0's, as it saves them.
+                broadcast_buffers(teacher.module, self.dist)
                 ema_val = validate(teacher.module, self.volumes["validation"], self.config, self.opts.view,
                                    self.opts.slices, self.device, self.amp_dtype,
                                    batch=self.opts.val_batch, dist=self.dist)

@@ -194,6 +194,49 @@ def test_torchrun_final_py_equals_single_process(tiny_data, tmp_path):
     assert one["validation"].keys() == alone.keys()
 
 
+def _validation_worker(rank: int, port: int, data: str, out: str, record: str) -> None:
+    """One rank of an in-process semi-supervised DDP run (batch norm, no --sync-bn) that records a
+    checksum of the BatchNorm statistics of every network it validates."""
+    import engine.validation
+
+    os.environ.update({"WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    real, seen = engine.validation.validate, []
+
+    def recording(net, *args, **kwargs):
+        seen.append(sum(float(b.double().sum()) for n, b in net.named_buffers() if "running" in n))
+        return real(net, *args, **kwargs)
+
+    engine.validation.validate = recording
+    fit(train_options(Path(data), Path(out), semi=True, teacher="ema", norm="batch", semi_warmup=0.9,
+                      epochs=1, steps_per_epoch=3))
+    Path(record).with_suffix(f".rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_ddp_ranks_validate_the_ema_teacher_rank_0_saves(tiny_data, tmp_path):
+    """Without --sync-bn each rank's EMA teacher copies its BatchNorm statistics from that rank's own
+    student after every step, and in a supervised (warm-up) step those were just updated from the
+    rank's own batch. The validation is split over the ranks, so each must first take rank 0's
+    statistics (which rank 0 saves), for the student as for the teacher. All three steps here are
+    warm-up steps; without the teacher's broadcast the ranks validated different teachers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, record = tmp_path / "run", tmp_path / "seen"
+    mp.start_processes(_validation_worker, args=(port, str(tiny_data), str(out), str(record)), nprocs=WORLD,
+                       start_method="spawn")
+    seen = [json.loads(record.with_suffix(f".rank{r}.json").read_text()) for r in range(WORLD)]
+    assert len(seen[0]) == 2  # the student, then the teacher
+    assert seen[1] == seen[0]
+    ema = load_checkpoint(out / LAST)["ema"]["model"]
+    assert seen[0][1] == sum(float(v.double().sum()) for k, v in ema.items() if "running" in k)
+
+
 # ----------------------------------------------------------------------------------------------
 # Final.sh (plain bash, stub python / srun / scontrol)
 
