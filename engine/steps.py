@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from data.sampling import LabeledBatch
-from engine.runtime import autocast
+from engine.runtime import DistInfo, autocast
 
 
 def supervised_step(model: nn.Module, batch: LabeledBatch, loss_fn: nn.Module,
@@ -29,18 +29,32 @@ def supervised_step(model: nn.Module, batch: LabeledBatch, loss_fn: nn.Module,
 
 
 def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, clip_grad: float = 0.0, step: int = 0) -> None:
+                 scaler: torch.amp.GradScaler, clip_grad: float = 0.0, step: int = 0,
+                 dist: DistInfo | None = None) -> None:
     """Backward of ``loss``, optional gradient-norm clipping, optimizer and grad-scaler step.
 
     With an enabled (fp16) grad scaler a non-finite loss is not an error: its inf/NaN gradients make
     the scaler skip the optimizer step and lower its scale, which is how fp16 overflow is handled.
+    Under DDP (``dist``) the ranks agree first, so that all of them stop at the same step: a rank that
+    stopped alone would leave the others waiting in the gradient all-reduce until a timeout.
 
     Raises:
-        FloatingPointError: ``loss`` is not finite without a grad scaler (``step`` is named).
+        FloatingPointError: ``loss`` is not finite (on any rank) without a grad scaler (``step`` is
+            named).
     """
-    if not scaler.is_enabled() and not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {step}; try --amp none "
-                                 "or a lower --lr")
+    if not scaler.is_enabled():
+        finite = bool(torch.isfinite(loss.detach()))
+        if dist is not None and dist.enabled:
+            import torch.distributed as tdist
+
+            flag = torch.tensor([int(finite)], dtype=torch.int32, device=loss.device)
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+            if finite and not flag.item():
+                raise FloatingPointError(f"the loss of another rank became non-finite at step {step}; "
+                                         "try --amp none or a lower --lr")
+        if not finite:
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; try --amp none "
+                                     "or a lower --lr")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad:

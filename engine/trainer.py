@@ -58,6 +58,7 @@ from engine.options import TrainOptions
 from engine.preempt import PreemptionFlag
 from engine.runtime import DistInfo, init_distributed, shutdown_distributed, unwrap
 from engine.schedule import lr_factor, rng_seed
+from utils.errors import InputError
 from utils.fileio import write_json_atomic
 
 log = logging.getLogger("unimos")
@@ -283,7 +284,11 @@ class Trainer:
             losses = steps.supervised_step(self.train_model, batch, self.net.loss_fn, self.amp_dtype)
             self.slices_seen += batch.image.shape[0]
         net = self.net
-        steps.apply_update(losses["loss"], self.model, net.optimizer, net.scaler, opts.clip_grad, step)
+        try:
+            steps.apply_update(losses["loss"], self.model, net.optimizer, net.scaler, opts.clip_grad, step,
+                               self.dist)
+        except FloatingPointError as err:  # diverged: one line, the checkpoints written so far kept
+            raise InputError(self.out, f"training stopped: {err}") from None
         if teacher is not None:
             teacher.update(unwrap(self.model))
         self.meter.add(losses)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from data.volume import Geometry, Volume, read_volume, write_volume
-from tests.conftest import REPO, TINY, run_script, script_env
+from tests.conftest import REPO, TINY, run_script, script_env, train_argv
 from tests.helpers import phantom_pair, write_dicom_series, write_seed_dataset
 from tests.test_bad_input import BREAKERS, _evaluate_pair, _seed_data, _snapshot, _valid_bytes
 from utils.errors import InputError
@@ -531,3 +531,19 @@ def test_kill_during_training_then_resume_is_exact(tiny_data, tiny_runs, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not _parts(out)
     _assert_same_run(out, tiny_runs["sup"])
+
+
+def test_diverging_training_is_one_line_and_keeps_the_checkpoints(tiny_data, tmp_path):
+    """A loss that becomes NaN (here an absurd learning rate) stops the run with one line naming the
+    run folder and the step, exit 2; the last checkpoint of the epoch before is kept."""
+    out = tmp_path / "run"
+    proc = run_script("Final.py", *train_argv(tiny_data, out, "--no-semi", "--lr", "1e30",
+                                               "--steps-per-epoch", "1", "--epochs", "4"))
+    line = _one_line(proc, out)
+    assert "training stopped: loss became nan at step" in line and "--lr" in line
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert step >= 1
+    from engine.checkpoint import load_checkpoint
+
+    # saved at the end of the epoch before the NaN step
+    assert load_checkpoint(out / "resu_last_axial.pth.tar")["step"] == step
