@@ -21,9 +21,11 @@ from utils.errors import InputError
 log = logging.getLogger("unimos")
 
 # Options that change which samples or updates a step gets: a resume with other values is valid
-# training but no longer the continuation of the same run.
+# training but no longer the continuation of the same run. --epochs moves the total step count, and
+# with it the learning-rate schedule, the threshold milestones and the semi-supervised warm-up.
 RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "mix", "lr", "schedule",
-               "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize")
+               "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize", "epochs", "semi_warmup",
+               "semi_rampup", "organ_threshold", "ema_momentum", "threshold")
 
 
 def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],
@@ -91,6 +93,14 @@ def restore(path: Path, opts: TrainOptions, organs: list[str], net: Network, sem
     """
     ckpt = load_for_resume(path, opts, organs, net.model_args)
     load_states(ckpt, path, net, semi)
+    if semi is not None:
+        # The teacher's momentum and the threshold schedule are part of the restored state; the
+        # command line says what the rest of the run uses (the same values in an exact continuation).
+        from engine.teacher import ThresholdSchedule
+
+        semi.thresholds.load_state_dict(ThresholdSchedule.from_arg(opts.threshold).state_dict())
+        if semi.teacher is not None:
+            semi.teacher.momentum = float(opts.ema_momentum)
     changed = changed_settings(ckpt.args or {}, opts, dist.world)
     if changed:
         log.info(f"note: resuming with changed settings ({'; '.join(changed)}): training goes on, "

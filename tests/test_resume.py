@@ -217,3 +217,23 @@ def test_crash_while_saving_leaves_the_previous_checkpoints(tiny_data, tiny_runs
         assert load_checkpoint(tmp_path / name)["step"] == 2
     assert fit(train_options(tiny_data, tmp_path, semi=False, resume="auto"))["steps"] == 4
     _assert_same_run(tmp_path, tiny_runs["sup"])
+
+
+def test_resume_with_changed_schedule_settings_says_so_and_uses_them(tiny_data, tiny_runs, tmp_path,
+                                                                     capsys):
+    """--epochs moves the LR schedule, the threshold milestones and the warm-up: a resume that changes
+    it (or the teacher's momentum, or the threshold) is noted as not the exact continuation, and the
+    command line's values are the ones used (the momentum and the schedule are also in the restored
+    state, which would otherwise win silently)."""
+    import shutil
+
+    shutil.copy(tiny_runs["semi"] / LAST, tmp_path / LAST)
+    summary = fit(train_options(tiny_data, tmp_path, semi=True, teacher="ema", resume="auto", epochs=3,
+                                ema_momentum=0.5, threshold="0.6"))
+    assert summary["steps"] == 6
+    note = next(ln for ln in capsys.readouterr().out.splitlines() if "changed settings" in ln)
+    for part in ("--epochs 2 -> 3", "--ema-momentum 0.99 -> 0.5", "--threshold schedule -> 0.6"):
+        assert part in note, note
+    got = load_checkpoint(tmp_path / LAST)
+    assert got["ema"]["momentum"] == 0.5
+    assert got["semi_state"]["thresholds"] == {"values": [0.6], "milestones": []}
