@@ -23,28 +23,36 @@ _LINE_KEYS = ("loss_x", "loss_fp", "loss_s1", "loss_s2", "mask_ratio", "conf_mea
 
 @dataclass
 class EpochMeter:
-    """Sums of the logged step values since the last history row (saved in checkpoints)."""
+    """Sums and counts of the logged step values since the last history row (saved in checkpoints).
+
+    Each value is averaged over the steps that reported it: the unsupervised losses and the mask ratio
+    exist only from the semi-supervised phase on, so in the epoch where the warm-up ends they are the
+    mean of its semi-supervised steps, not diluted by the supervised ones.
+    """
 
     sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+        return {k: v / max(1, self.counts.get(k, 0)) for k, v in self.sums.items()}
 
     def reset(self) -> None:
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "count": self.count}
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = {str(k): float(v) for k, v in state.get("sums", {}).items()}
-        self.count = int(state.get("count", 0))
+        if "counts" in state:
+            self.counts = {str(k): int(v) for k, v in state["counts"].items()}
+        else:  # checkpoints before per-value counts: one step count for every value
+            self.counts = dict.fromkeys(self.sums, int(state.get("count", 0)))
 
 
 def tensorboard_writer_class() -> type:
