@@ -94,7 +94,8 @@ def _optimisation_args(p: argparse.ArgumentParser) -> None:
                    help="tal: target adaptive loss; naive: unlabeled organs count as background")
     g.add_argument("--class-weights", type=float, nargs=2, default=None, metavar=("BG", "ORGAN"),
                    help="CE weights of background and organs (default: the config's, 0.2 1.2)")
-    g.add_argument("--dice-weight", type=float, default=0.0, help="weight of soft Dice beside CE")
+    g.add_argument("--dice-weight", type=float, default=0.0,
+                   help="weight of soft Dice beside CE, in the supervised and the unsupervised losses")
 
 
 def _semi_args(p: argparse.ArgumentParser) -> None:

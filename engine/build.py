@@ -180,7 +180,7 @@ def build_semi(opts: TrainOptions, model: torch.nn.Module) -> SemiParts:
         semi_cfg = SemiConfig(pseudo=opts.pseudo, teacher=opts.teacher, ema_momentum=opts.ema_momentum,
                               class_weights=tuple(opts.unsup_class_weights), w_x=w_x, w_fp=w_fp,
                               w_s1=w_s1, w_s2=w_s2, divisor=opts.semi_divisor, fp=opts.fp,
-                              organ_threshold=opts.organ_threshold)
+                              organ_threshold=opts.organ_threshold, dice_weight=opts.dice_weight)
         thresholds = ThresholdSchedule.from_arg(opts.threshold)
     except ValueError as err:
         raise InputError(None, str(err)) from None

@@ -51,3 +51,18 @@ def test_semi_config_and_options_default_to_the_same_teacher():
     assert cfg.teacher == opts.teacher
     assert cfg.organ_threshold == opts.organ_threshold
     assert (cfg.w_x, cfg.w_fp, cfg.w_s1, cfg.w_s2) == opts.semi_weights
+
+
+def test_every_semi_setting_reaches_the_semi_config():
+    """build_semi hands each semi-supervised flag to SemiConfig (--dice-weight once reached only the
+    supervised loss: the unsupervised ones kept Dice 0 whatever the flag said)."""
+    import torch
+
+    from engine.build import build_semi
+
+    opts = TrainOptions(dice_weight=0.5, semi_weights=(1.0, 0.4, 0.3, 0.2), organ_threshold=0.6,
+                        unsup_class_weights=(0.2, 1.2), ema_momentum=0.9, teacher="ema", fp="head")
+    cfg = build_semi(opts, torch.nn.Linear(2, 2)).config
+    assert cfg.dice_weight == 0.5 and (cfg.w_x, cfg.w_fp, cfg.w_s1, cfg.w_s2) == (1.0, 0.4, 0.3, 0.2)
+    assert cfg.organ_threshold == 0.6 and cfg.class_weights == (0.2, 1.2)
+    assert cfg.ema_momentum == 0.9 and cfg.teacher == "ema" and cfg.fp == "head"
