@@ -93,7 +93,7 @@ def _training(**kw) -> TrainingCheckpoint:
 
 def test_training_checkpoint_schema_round_trip(tmp_path):
     path = tmp_path / "resu_last_axial.pth.tar"
-    ckpt = _training(loop={"meter": {"sums": {}, "count": 0}, "pending_end": False, "elapsed_s": 1.0})
+    ckpt = _training(loop={"meter": {"sums": {}, "counts": {}}, "pending_end": False, "elapsed_s": 1.0})
     ckpt.save(path)
     raw = load_checkpoint(path)
     assert raw["format"] == "unimos-checkpoint" and raw["version"] == VERSION

@@ -103,7 +103,7 @@ def test_stop_and_resume_is_exact(tiny_data, tiny_runs, tmp_path, monkeypatch, m
     at_epoch_end = stop_after % 2 == 0
     assert ckpt["step"] == stop_after
     assert ckpt["loop"]["pending_end"] is at_epoch_end
-    assert ckpt["loop"]["meter"]["count"] == (2 if at_epoch_end else 1)
+    assert ckpt["loop"]["meter"]["counts"]["loss"] == (2 if at_epoch_end else 1)
     # Nothing is validated or logged under the deadline: the epoch's row is still to come.
     rows = _history(tmp_path / "history_axial.csv") if (tmp_path / "history_axial.csv").exists() else []
     assert [r["step"] for r in rows] == [str(s) for s in (2,) if s < stop_after]

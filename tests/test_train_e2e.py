@@ -44,7 +44,7 @@ def test_final_py_writes_checkpoints_history_and_summary(tiny_runs, kind):
     assert last["step"] == 4 and last["epoch"] == 2
     assert last["model_args"] == {"in_channels": 3, "num_classes": 4, "width": 4, "norm": "instance"}
     assert {"optimizer", "loop", "best_score", "config", "args"} <= set(last)
-    assert last["loop"]["pending_end"] is False and last["loop"]["meter"] == {"sums": {}, "count": 0}
+    assert last["loop"]["pending_end"] is False and last["loop"]["meter"] == {"sums": {}, "counts": {}}
     assert ("ema" in last) == (kind == "semi")
     assert best["step"] in (2, 4) and best["best_score"] == last["best_score"]
     net = build_model(last["model_args"])
