@@ -45,7 +45,7 @@ if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
   VIEW=${VIEWS[$SLURM_ARRAY_TASK_ID]}
 fi
 VIEW=${VIEW:-axial}
-DATA=${DATA:-./data_resampled}
+DATA=${DATA:-./data}
 OUT=${OUT:-./runs/unimos}
 PYTHON=${PYTHON:-python}
 NNODES=${SLURM_JOB_NUM_NODES:-${NNODES:-1}}

@@ -285,7 +285,7 @@ def test_final_sh_single_process_passes_arguments_and_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2  # bad input stays bad input: no requeue
     (call,) = _calls(tmp_path)
-    assert call.startswith("python Final.py --data ./data_resampled --out ./runs/unimos --view coronal")
+    assert call.startswith("python Final.py --data ./data --out ./runs/unimos --view coronal")
     assert call.endswith("--resume auto --epochs 7")
     assert not (tmp_path / "logs").exists()  # only created under Slurm
 
