@@ -146,6 +146,9 @@ def _prepare(logits_shape: torch.Size, target: Tensor, labeled_mask: Tensor, cla
     labeled = labeled_mask.to(device=device, dtype=torch.bool)
     if mode == "naive":
         labeled = torch.ones_like(labeled)
+    elif not bool(labeled[:, 0].all()):
+        labeled = labeled.clone()
+        labeled[:, 0] = True  # background is always a target (the merged one), as documented
     valid = target != ignore_index
     index = torch.where(valid, target, 0)
     in_range = (index >= 0) & (index < c)
@@ -211,7 +214,7 @@ def target_adaptive_loss(logits: Tensor, target: Tensor, labeled_mask: Tensor,
     Args:
         logits: (B, C, H, W) logits, any float dtype (the loss is computed in float32).
         target: (B, H, W) class indices; ``ignore_index`` pixels are left out. Non-ignored values
-            must be classes the sample's dataset labels (pseudo-labels: argmax of merged log-probs).
+            must be classes the sample's dataset labels (pseudo-labels: :func:`engine.semi.pseudo_label`).
         labeled_mask: (B, C) bool classes labeled per sample (column 0 treated as True); a batch may
             mix samples with different label sets.
         class_weights: ``(background, organ)`` or one weight per class. In TAL mode the merged

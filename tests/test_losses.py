@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.partial import (
+    IGNORE_INDEX,
     DeepSupervisedLoss,
     class_weight_vector,
     merge_log_probs,
@@ -333,3 +334,20 @@ def test_errors():
         target_adaptive_loss(z, t, mask, pixel_weight=torch.ones(4, 5))
     with pytest.raises(ValueError, match="scale_weights"):
         DeepSupervisedLoss(scale_weights=[1.0, 1.0])(SimpleNamespace(logits=z, scales=[z] * 5), t, mask)
+
+
+def test_background_column_of_the_labeled_mask_is_always_true():
+    """Column 0 is 'treated as True whatever it holds' (docstring): background is the merged target of
+    every sample, so a mask that leaves it False scores as one that sets it, instead of raising."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 8, 8, generator=g)
+    target = torch.randint(0, 2, (2, 8, 8), generator=g)
+    target[0, 0, 0] = IGNORE_INDEX
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    no_bg = mask.clone()
+    no_bg[:, 0] = False
+    want = target_adaptive_loss(logits, target, mask)
+    assert torch.equal(target_adaptive_loss(logits, target, no_bg), want)
+    out = SimpleNamespace(logits=logits, scales=[logits])
+    loss = DeepSupervisedLoss()
+    assert torch.equal(loss(out, target, no_bg)["loss"], loss(out, target, mask)["loss"])
