@@ -85,8 +85,9 @@ def pseudo_label(logits: Tensor, labeled_mask: Tensor, mode: str = "merged") -> 
             organ its dataset does not label); ``"full"``: softmax over all C classes.
 
     Returns:
-        ``(pseudo (B, H, W) int64, conf (B, H, W) float32)``: the argmax class (in "merged" mode an
-        organ the sample's dataset does not label becomes background, 0) and the largest probability
+        ``(pseudo (B, H, W) int64, conf (B, H, W) float32)``: the argmax class (in "merged" mode the
+        argmax in the sample's merged label space: background, 0, unless a labeled organ is more
+        probable than background and every unlabeled organ together) and the largest probability
         over all classes (see the module docstring: why not the merged space's).
 
     Raises:
@@ -97,11 +98,18 @@ def pseudo_label(logits: Tensor, labeled_mask: Tensor, mode: str = "merged") -> 
     if logits.ndim != 4 or tuple(labeled_mask.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"logits (B, C, H, W) and labeled_mask (B, C) do not fit: {tuple(logits.shape)} "
                          f"/ {tuple(labeled_mask.shape)}")
-    conf, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1)
+    probs = torch.softmax(logits.float(), dim=1)
+    conf, pseudo = probs.max(dim=1)
     if mode == "merged":
         labeled = labeled_mask.to(device=pseudo.device, dtype=torch.bool)
         keep = labeled.gather(1, pseudo.flatten(1)).view_as(pseudo)
-        pseudo = torch.where(keep, pseudo, 0)
+        # The argmax in the merged space: a labeled organ is kept only where it beats the merged
+        # background (background + every unlabeled organ). Only a pixel whose organ has probability
+        # < 0.5 can lose here, so with thresholds >= 0.5 this changes no pixel that a loss uses.
+        in_bg = ~labeled
+        in_bg[:, 0] = True
+        merged_bg = (probs * in_bg[:, :, None, None]).sum(dim=1)
+        pseudo = torch.where(keep & (conf > merged_bg), pseudo, 0)
     return pseudo, conf
 
 

@@ -218,6 +218,19 @@ def test_pseudo_label_merged_vs_full_hand_computed():
         pseudo_label(logits, mask, "soft")
 
 
+def test_merged_pseudo_label_is_the_merged_argmax_below_one_half():
+    # probabilities (bg 0.25, organ 1 0.40, organ 2 0.35), organ 2 unlabeled: organ 1 is the full
+    # argmax, but the merged background (0.60) is the merged argmax; with an organ threshold <= 0.4 the
+    # pixel must not train as organ 1. (0.1, 0.6, 0.3): organ 1 wins in both spaces.
+    probs = torch.tensor([[0.25, 0.40, 0.35, 1e-9], [0.1, 0.6, 0.3, 1e-9]])
+    logits = probs.log().T.reshape(1, 4, 1, 2)
+    mask = torch.tensor([[True, True, False, True]])
+    pseudo, conf = pseudo_label(logits, mask, "merged")
+    assert pseudo.tolist() == [[[0, 1]]]
+    assert conf[0, 0].tolist() == pytest.approx([0.40, 0.6], rel=1e-5)  # still the full-space maximum
+    assert pseudo_label(logits, mask, "full")[0].tolist() == [[[1, 1]]]
+
+
 def test_pseudo_label_softmax_once_confident_logits():
     # REFERENCE defect 4: softmax applied twice caps the confidence of 4 classes at e/(e+3) ~ 0.475
     logits = torch.tensor([0.0, 8.0, 0.0, 0.0]).view(1, 4, 1, 1)
