@@ -21,8 +21,11 @@ Feature perturbation (``perturb``), for the semi-supervised module:
   head's 1x1 conv; only the 1x1 convs and the fusion see the perturbation.
 
 Only samples ``perturb_from:`` get a perturbed copy (the semi-supervised step perturbs the unlabeled
-weak views, not the labeled samples that share the forward). With instance norm (the default) every
-sample is normalised on its own, so the clean outputs equal those of an unperturbed pass.
+weak views, not the labeled samples that share the forward). With instance norm (Final.py's default)
+every sample is normalised on its own, so the clean outputs equal those of an unperturbed pass. With
+batch norm (``norm="batch"``) the perturbed copies share the decoder's batch statistics with the clean
+ones: the clean outputs move (by up to ~0.06 in the logits) and the running statistics see dropped
+features too, as in UniMatch; ``"head"`` perturbation does not have this.
 
 Normalisation (``norm``): PIPO-FAN uses BatchNorm (``batch``); ``instance`` (Final.py's default)
 normalises every feature map of every image on its own, in training and at inference alike. Trained
@@ -31,9 +34,11 @@ on several datasets at once, BatchNorm's single set of running statistics fitted
 per-volume batch statistics), and the semi-supervised module's teacher inherited the mismatch.
 
 All outputs are logits (never softmax). Works for any H, W divisible by 16 (global pooling in the
-fusion is adaptive), in channels_last, under autocast and torch.compile. channels_last on CPU: a
-batch-norm training step is faster, an instance-norm one 1.6x slower (PyTorch's CPU instance norm has
-no channels_last kernel), hence Final.py's default of channels_last on CUDA only.
+fusion is adaptive), in channels_last, under autocast and torch.compile. ``MOSNet`` and
+``build_model`` default to batch norm (checkpoints without a ``norm`` entry are batch norm); Final.py
+trains instance norm (``models.DEFAULT_NORM``). channels_last on CPU: a batch-norm training step is
+faster, an instance-norm one slower (7-10 % at the demo preset, measured with the GroupNorm kernel
+instance norm now uses), hence channels_last for training on CUDA only; CPU inference uses it.
 """
 
 from __future__ import annotations
