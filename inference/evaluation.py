@@ -96,12 +96,17 @@ def unlisted_organ_values(spec: ClassSpec, present: Sequence[int]) -> list[int]:
     """Values in a prediction that ``--labels`` leaves out but ``--gt-dataset`` maps to a scored organ.
 
     Such a value counts as background in the prediction and as an organ in the ground truth: the two
-    would be mapped differently (only checked when both ``--labels`` and a dataset are given).
+    would be mapped differently (only checked when both ``--labels`` and a dataset are given, and when
+    ``--labels`` is in the dataset's own numbering: every listed value is one the dataset gives to
+    that organ. A prediction in UniMOS's numbering, e.g. ``liver:1,kidney:2`` against BTCV, where 1
+    is the spleen, says nothing about what its other values are.)
     """
     if spec.gt_dataset is None or spec.allowed is not None:
         return []
-    listed = {v for vs in spec.pred_values for v in vs}
     ds = spec.gt_dataset
+    if any(ds.labels.get(int(v)) != organ for organ, vs in zip(spec.organs, spec.pred_values) for v in vs):
+        return []
+    listed = {v for vs in spec.pred_values for v in vs}
     return [int(v) for v in present
             if v and v not in listed and ds.labels.get(int(v)) in spec.organs]
 

@@ -84,6 +84,15 @@ def test_labels_with_dataset_for_config_class_predictions_still_work():
     gt = Volume(_boxes(liver_value=6, kidney_value=3), GEO)
     m = score_volumes(pred, gt, spec, Path("pred.nii.gz"), Path("gt.nii.gz"))
     assert m["liver"]["dice"] == 1.0 and m["kidney"]["dice"] == 1.0
+    # Scoring two organs of a UniMOS prediction against BTCV: its 3 is the spleen, left out on
+    # purpose; that BTCV's 3 is a kidney says nothing about it (it was refused, with a hint that
+    # would have scored the spleen as kidney).
+    spec = class_spec(cfg, parse_labels("liver:1,kidney:2"), gt_dataset="BTCV")
+    with_spleen = _boxes()
+    with_spleen[0, 0:3, 0:3] = 3
+    m = score_volumes(Volume(with_spleen, GEO), gt, spec, Path("pred.nii.gz"), Path("gt.nii.gz"))
+    assert set(m) >= {"liver", "kidney"} and "spleen" not in m
+    assert m["liver"]["dice"] == 1.0 and m["kidney"]["dice"] == 1.0
 
 
 @pytest.mark.parametrize("direction", [(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0),   # dcm2niix / RAS-like
