@@ -190,6 +190,10 @@ class SliceDataset(torch.utils.data.Dataset):
         alternate_every: 0 mixes datasets within a batch (sample ``i`` from dataset
             ``i % n_datasets``); ``k > 0`` takes runs of ``k`` consecutive samples from one dataset
             (with ``k`` = the global batch size, each optimizer step sees one dataset, in turn).
+        pair_halves: ``h > 0``: in every run of ``2h`` samples, the first ``h`` take datasets in
+            turn (counting only first halves) and sample ``j + h`` takes sample ``j``'s dataset: the
+            second weak batch, the CutMix source, then holds the first one's datasets, so every
+            sample finds a partner that labels the same organs; 0 = off (dataset ``i % n``).
 
     Raises:
         ValueError: no volumes, a labeled dataset given unlabeled volumes, bad sizes, unknown view.
@@ -199,7 +203,7 @@ class SliceDataset(torch.utils.data.Dataset):
                  slices: int = 3, block: int = 224, samples_per_epoch: int = 1000, seed: int = 0,
                  fg_prob: float = 0.8, flips: bool = True, rot90: bool = False, labeled: bool = True,
                  intensity: tuple[float, float] = (0.0, 0.0), alternate_every: int = 0,
-                 slice_ranges: dict[str, tuple[float, float]] | None = None) -> None:
+                 slice_ranges: dict[str, tuple[float, float]] | None = None, pair_halves: int = 0) -> None:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if not volumes:
@@ -218,6 +222,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.samples_per_epoch, self.seed = int(samples_per_epoch), int(seed)
         self.fg_prob, self.flips, self.rot90, self.labeled = float(fg_prob), flips, rot90, labeled
         self.alternate_every = int(alternate_every)
+        self.pair_halves = int(pair_halves)
         self.intensity = (float(intensity[0]), float(intensity[1]))
         names = [d.name for d in config.datasets]
         present = sorted({v.dataset for v in self.volumes}, key=names.index)
@@ -258,7 +263,13 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng_for(index)
         i = int(index) % self.samples_per_epoch
-        g = (i // self.alternate_every if self.alternate_every > 0 else i) % len(self.groups)
+        gi = i
+        if self.pair_halves > 0:
+            # the first halves count on as one stream (so that they cycle through every dataset);
+            # the second half repeats the first one's datasets
+            h = self.pair_halves
+            gi = (i // (2 * h)) * h + i % h
+        g = (gi // self.alternate_every if self.alternate_every > 0 else gi) % len(self.groups)
         group = self.groups[g]
         v = group[int(rng.integers(len(group)))] if len(group) > 1 else group[0]
         n, h, w = self.shapes[v]

@@ -25,7 +25,7 @@ log = logging.getLogger("unimos")
 # with it the learning-rate schedule, the threshold milestones and the semi-supervised warm-up.
 RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "mix", "lr", "schedule",
                "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize", "epochs", "semi_warmup",
-               "semi_rampup", "organ_threshold", "ema_momentum", "threshold")
+               "semi_rampup", "organ_threshold", "ema_momentum", "threshold", "cutmix_pairs")
 
 
 def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],

@@ -194,7 +194,8 @@ class Trainer:
                                   block=opts.blocksize, samples_per_epoch=spe * 2 * self.ub * dist.world,
                                   seed=opts.seed + 7919, fg_prob=0.0, flips=opts.flip,
                                   rot90=opts.weak_rot90, labeled=False,
-                                  slice_ranges=organ_slice_ranges(self.volumes["labeled"], opts.view))
+                                  slice_ranges=organ_slice_ranges(self.volumes["labeled"], opts.view),
+                                  pair_halves=self.ub * dist.world if opts.cutmix_pairs == "dataset" else 0)
             unl_steps = StepBatchSampler(first_semi, self.total_steps, 2 * self.ub, dist.rank, dist.world)
             self.unl_iter = iter(step_loader(unl_ds, unl_steps, collate_unlabeled, opts.workers, self.pin))
 

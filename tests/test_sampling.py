@@ -156,6 +156,23 @@ def test_unlabeled_batches(volumes):
         SliceDataset(unlabeled, CONFIG, "axial")
 
 
+def test_pair_halves_gives_the_second_weak_batch_the_first_ones_datasets(volumes):
+    """--cutmix-pairs dataset: with 2 datasets and 1 + 1 slices per step, by index the first batch
+    always holds dataset 0 and the second dataset 1 (no CutMix partner labeling the same organs, ever);
+    paired, slice j + h takes slice j's dataset and the first batch still cycles through all."""
+    _, unlabeled = volumes
+    by_index = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=8, seed=0, labeled=False)
+    assert [int(by_index[i]["dataset"]) for i in range(8)] == [0, 1] * 4
+    paired = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=8, seed=0, labeled=False,
+                          pair_halves=1)
+    assert [int(paired[i]["dataset"]) for i in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    two = SliceDataset(unlabeled, CONFIG, "axial", block=16, samples_per_epoch=8, seed=0, labeled=False,
+                       pair_halves=2)  # 2 + 2 per step: (a0, a1 | b0, b1)
+    assert [int(two[i]["dataset"]) for i in range(8)] == [0, 1, 0, 1] * 2
+    # the first half of each step is drawn exactly as without pairing
+    assert all(_same(two[i], by_index[i]) for i in (0, 1, 4, 5))
+
+
 def test_unlabeled_valid_mask_marks_padding_and_moves_with_the_image(volumes):
     _, unlabeled = volumes
     ds = SliceDataset(unlabeled, CONFIG, "axial", block=48, samples_per_epoch=8, seed=0,
