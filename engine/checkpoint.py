@@ -21,6 +21,7 @@ The schema is :class:`TrainingCheckpoint` (this module alone writes and reads it
     scaler       GradScaler state (fp16 AMP only)                       [optional]
     ema          EMA teacher state (--teacher ema)                      [optional]
     semi_state   {"thresholds": ThresholdSchedule state} (semi runs)   [optional]
+                 a record: --resume builds the schedule from --threshold
     loop         {"meter": EpochMeter state, "pending_end": bool, "elapsed_s": float, "served"}: an
                  unfinished epoch's loss sums, whether its end (row, validation, best/last) is still to
                  be done, the seconds trained so far and what resu_best serves [training checkpoints]

@@ -1,9 +1,11 @@
 """``--resume``: load a training checkpoint into a freshly built run, after checking it fits.
 
-An exact continuation needs the network, optimizer, grad scaler, EMA teacher, threshold schedule,
-best score, the loss sums of an unfinished epoch and the history rows up to the checkpoint's step
-(:class:`engine.trainer.Trainer` restores the last three). Everything random is a function of the
-step or of the global sample index (engine/schedule.py, data/loaders.py), so nothing else is needed.
+An exact continuation needs the network, optimizer, grad scaler, EMA teacher weights, best score, the
+loss sums of an unfinished epoch and the history rows up to the checkpoint's step
+(:class:`engine.trainer.Trainer` restores the last three). The threshold schedule and the teacher's
+momentum come from the command line (the checkpoint keeps them as a record; a resume that changes them
+says so). Everything random is a function of the step or of the global sample index
+(engine/schedule.py, data/loaders.py), so nothing else is needed.
 """
 
 from __future__ import annotations
@@ -48,13 +50,12 @@ def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],
 
 
 def load_states(ckpt: TrainingCheckpoint, path: Path, net: Network, semi: SemiParts | None) -> None:
-    """Network, optimizer, grad scaler, EMA teacher and threshold schedule from ``ckpt``.
+    """Network, optimizer, grad scaler and EMA teacher weights from ``ckpt``.
 
     Raises:
         InputError: a state does not fit this run's objects.
     """
     teacher = semi.teacher if semi is not None else None
-    thresholds = semi.thresholds if semi is not None else None
     try:
         # a best checkpoint that serves the EMA weights keeps the student's under student_model
         net.model.load_state_dict(ckpt.student_model if ckpt.student_model is not None else ckpt.model)
@@ -66,8 +67,6 @@ def load_states(ckpt: TrainingCheckpoint, path: Path, net: Network, semi: SemiPa
                 teacher.load_state_dict(ckpt.ema)
             else:  # a supervised checkpoint continued semi-supervised: the teacher starts as the model
                 teacher.module.load_state_dict(ckpt.model)
-        if thresholds is not None and ckpt.semi_state:
-            thresholds.load_state_dict(ckpt.semi_state.get("thresholds", {}))
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise InputError(path, f"checkpoint state does not fit this run ({reason(err)})") from None
 
@@ -93,14 +92,10 @@ def restore(path: Path, opts: TrainOptions, organs: list[str], net: Network, sem
     """
     ckpt = load_for_resume(path, opts, organs, net.model_args)
     load_states(ckpt, path, net, semi)
-    if semi is not None:
-        # The teacher's momentum and the threshold schedule are part of the restored state; the
-        # command line says what the rest of the run uses (the same values in an exact continuation).
-        from engine.teacher import ThresholdSchedule
-
-        semi.thresholds.load_state_dict(ThresholdSchedule.from_arg(opts.threshold).state_dict())
-        if semi.teacher is not None:
-            semi.teacher.momentum = float(opts.ema_momentum)
+    if semi is not None and semi.teacher is not None:
+        # the teacher's state carries its momentum; the command line's applies (the same value in an
+        # exact continuation), as the threshold schedule built from --threshold does
+        semi.teacher.momentum = float(opts.ema_momentum)
     changed = changed_settings(ckpt.args or {}, opts, dist.world)
     if changed:
         log.info(f"note: resuming with changed settings ({'; '.join(changed)}): training goes on, "
