@@ -59,7 +59,7 @@ from engine.augment import StrongAugConfig, apply_cutmix, cutmix_box, strong_aug
 from engine.runtime import autocast
 from engine.schedule import rampup  # noqa: F401 -- re-exported (trainer, tests)
 from engine.teacher import EMATeacher, ThresholdSchedule  # noqa: F401 -- re-exported
-from losses.partial import IGNORE_INDEX
+from losses.partial import IGNORE_INDEX, background_set
 from models.mosnet import FP_MODES
 
 if TYPE_CHECKING:
@@ -101,15 +101,13 @@ def pseudo_label(logits: Tensor, labeled_mask: Tensor, mode: str = "merged") -> 
     probs = torch.softmax(logits.float(), dim=1)
     conf, pseudo = probs.max(dim=1)
     if mode == "merged":
-        labeled = labeled_mask.to(device=pseudo.device, dtype=torch.bool)
-        keep = labeled.gather(1, pseudo.flatten(1)).view_as(pseudo)
-        # The argmax in the merged space: a labeled organ is kept only where it beats the merged
-        # background (background + every unlabeled organ). Only a pixel whose organ has probability
-        # < 0.5 can lose here, so with thresholds >= 0.5 this changes no pixel that a loss uses.
-        in_bg = ~labeled
-        in_bg[:, 0] = True
+        # The argmax in the merged space: the full argmax is kept only where it beats the merged
+        # background (background + every unlabeled organ), which an unlabeled organ or background
+        # never does (it is part of that sum). A labeled organ loses only where its probability is
+        # < 0.5, so with thresholds >= 0.5 this changes no pixel that a loss uses.
+        in_bg = background_set(labeled_mask.to(device=pseudo.device, dtype=torch.bool))
         merged_bg = (probs * in_bg[:, :, None, None]).sum(dim=1)
-        pseudo = torch.where(keep & (conf > merged_bg), pseudo, 0)
+        pseudo = torch.where(conf > merged_bg, pseudo, 0)
     return pseudo, conf
 
 

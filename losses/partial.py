@@ -63,10 +63,17 @@ def _merge(log_probs: Tensor, labeled: Tensor) -> Tensor:
     return torch.cat([_merged_background(log_probs, labeled), organs], dim=-3)
 
 
+def background_set(labeled: Tensor) -> Tensor:
+    """(B, C) bool: the classes merged into background for each sample (background and every organ
+    its dataset does not label), from ``labeled`` (B, C)."""
+    in_bg = ~labeled
+    in_bg[:, 0] = True
+    return in_bg
+
+
 def _merged_background(log_probs: Tensor, labeled: Tensor) -> Tensor:
     """Channel 0 of :func:`_merge`: log of background + every unlabeled organ, (..., B, 1, H, W)."""
-    in_bg = ~labeled[..., None, None]
-    in_bg[:, 0] = True
+    in_bg = background_set(labeled)[..., None, None]
     neg_inf = torch.tensor(float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
     # masked entries are -inf: logsumexp gives them weight exp(-inf) = 0, so their gradient is 0, not NaN
     return torch.logsumexp(torch.where(in_bg, log_probs, neg_inf), dim=-3, keepdim=True)
@@ -146,9 +153,9 @@ def _prepare(logits_shape: torch.Size, target: Tensor, labeled_mask: Tensor, cla
     labeled = labeled_mask.to(device=device, dtype=torch.bool)
     if mode == "naive":
         labeled = torch.ones_like(labeled)
-    elif not bool(labeled[:, 0].all()):
+    else:  # background is always a target (the merged one), as documented; set without a host sync
         labeled = labeled.clone()
-        labeled[:, 0] = True  # background is always a target (the merged one), as documented
+        labeled[:, 0] = True
     valid = target != ignore_index
     index = torch.where(valid, target, 0)
     in_range = (index >= 0) & (index < c)
