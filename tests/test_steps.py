@@ -60,6 +60,9 @@ def _nan_worker(rank: int, init_file: str, out_dir: str) -> None:
     except FloatingPointError as err:
         outcome = str(err)
     (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    # no rank tears its gloo connections down while the other still uses them (engine/runtime.py's
+    # shutdown_distributed: without it a rank aborted now and then in the full suite)
+    tdist.barrier()
     tdist.destroy_process_group()
 
 
