@@ -16,6 +16,7 @@ persistent workers and DDP need nothing else; data/loaders.py hands out these gl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -161,7 +162,19 @@ def organ_slice_ranges(volumes: Sequence[CachedVolume], view: str,
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
-    # A sample must never be a view into a memory map (it would pin the map and pickle lazily).
+    """A C-contiguous copy of ``array`` that is no view into a memory map (a view would pin the map
+    and pickle lazily), with the same values."""
+    flipped = tuple(ax for ax, stride in enumerate(array.strides) if stride < 0)
+    if flipped:
+        # numpy copies a reversed row element by element: 40 us for a 3 x 224 x 224 float32 crop
+        # flipped left-right against 13 us unflipped, and half the samples are flipped. torch copies
+        # it at the unflipped speed, from the same memory viewed with positive strides (read only).
+        forward = array[tuple(slice(None, None, -1) if ax in flipped else slice(None)
+                              for ax in range(array.ndim))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not writable": torch only reads it here
+            copy = torch.from_numpy(forward).flip(flipped).contiguous()
+        return copy.numpy()
     out = np.ascontiguousarray(array)
     return out if out.flags.owndata else out.copy()
 
@@ -341,9 +354,10 @@ class SliceDataset(torch.utils.data.Dataset):
                 label = None if label is None else np.rot90(label, k, axes=(-2, -1))
         if self.flips:
             for axis in (-1, -2):
-                if rng.random() < 0.5:
-                    image = np.flip(image, axis)
-                    label = None if label is None else np.flip(label, axis)
+                if rng.random() < 0.5:  # slicing, not np.flip: the same view, without its ~5 us of checks
+                    flip = (Ellipsis, slice(None, None, -1)) + (slice(None),) * (-1 - axis)
+                    image = image[flip]
+                    label = None if label is None else label[flip]
         scale, shift = self.intensity
         if scale > 0 or shift > 0:
             # Scanners and datasets differ by calibration offsets of tens of HU; a per-sample affine

@@ -53,12 +53,22 @@ def _direct(case: Case, view: str):
     return image, view_stack(lcanon.array, lcanon.geometry.spacing, view, True)
 
 
+def _memory_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` is a view of an np.memmap (the cache hands out plain ndarray views)."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return False
+
+
 def test_cached_views_equal_direct_preprocessing(tmp_path):
     case = _case(tmp_path)
     (vol,) = build_cache([case], CONFIG, tmp_path / "cache", views=("axial",), progress=False)
     for view in ("axial", "coronal", "sagittal"):  # coronal/sagittal added on demand
         image, label = _direct(case, view)
-        assert isinstance(vol.image(view), np.memmap) and vol.image(view).dtype == np.float32
+        assert _memory_mapped(vol.image(view)) and vol.image(view).dtype == np.float32
+        assert not vol.image(view).flags.writeable
         np.testing.assert_array_equal(vol.image(view), image)
         np.testing.assert_array_equal(vol.label(view), label)
         assert vol.label(view).dtype == np.uint8

@@ -107,6 +107,31 @@ def test_augmentation_moves_image_and_label_together(volumes, rot90):
         np.testing.assert_array_equal(s["label"] > 0, s["image"][1] > -0.5)
 
 
+@pytest.mark.parametrize("rot90", [False, True])
+def test_samples_are_owned_copies_of_the_flipped_crops(volumes, rot90):
+    """Flipped crops are copied through torch (numpy's reversed-row copy is 3x slower): the same
+    values as numpy's copy, C-contiguous, writable and sharing no memory with the cache's map."""
+    from data.sampling import _owned
+
+    labeled, unlabeled = volumes
+    source = labeled[0].image("axial")
+    crop = source[2:5, 3:27, 1:25]
+    for view in (crop, crop[..., ::-1], crop[:, ::-1], crop[::-1, ::-1, ::-1], np.rot90(crop, 1, (1, 2)),
+                 np.rot90(crop, 3, (1, 2))[..., ::-1], np.ascontiguousarray(crop)[:, ::-1]):
+        out = _owned(view)
+        np.testing.assert_array_equal(out, np.ascontiguousarray(view))
+        assert out.dtype == view.dtype and out.flags.c_contiguous and out.flags.writeable
+        assert not np.shares_memory(out, source)
+    vols = unlabeled if rot90 else labeled
+    ds = SliceDataset(vols, CONFIG, "axial", block=24, samples_per_epoch=32, seed=9, rot90=rot90,
+                      labeled=not rot90)
+    for i in range(32):
+        s = ds[i]
+        for key in ("image", "label" if not rot90 else "valid"):
+            assert s[key].flags.c_contiguous and s[key].flags.writeable
+            assert not any(np.shares_memory(s[key], v.image("axial")) for v in vols)
+
+
 def test_determinism_seed_epoch(volumes):
     labeled, _ = volumes
     a = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
