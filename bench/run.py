@@ -10,7 +10,7 @@ Calls the ``run(...)`` function of each benchmark in ``bench/`` once, in this or
   FLOPs per slice; on a GPU also the fraction of the dense bf16 peak (``utils.flops.peak_tflops``);
 * ``semi``: the UniMatch step against the supervised step on the same model: time and FLOP ratios;
 * ``inference``: seconds per 256x256x200 volume, one axial model and three fused views, without and
-  with NIfTI read/write (on the CPU the fused views are timed on 40 slices and scaled to 200, see
+  with NIfTI read/write (on the CPU the fused views are timed on 57 slices and scaled to 200, see
   :func:`run_inference`: the full measurement alone would take 5-10 minutes of two cores).
 
 Presets: on the CPU width 16, 128x128 training crops, batch 8 (+ 4 + 4 unlabeled), fp32; on CUDA width
@@ -97,7 +97,7 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
         "semi": {"width": 16, "size": 128, "batch": 8, "unlabeled_batch": 4, "amp": "off",
                  "steps": 8, "warmup": 2, "threads": threads},
         # Three fused views of 200 slices take 5-10 min of a 2-core CPU: the fused number is measured on
-        # 40 slices (whole-slice inference) and scaled to 200 (the cost is linear in the slice count).
+        # ~40 slices (whole-slice inference) and scaled to 200 (see fused_sub_slices).
         # segment.py's CPU settings: channels_last models, its default batch and passes side by side
         "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": None, "threads": threads,
                       "fused_slices": 40, "channels_last": True},
@@ -245,6 +245,29 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
     return report
 
 
+def fused_sub_slices(shape: tuple[int, int, int], at_least: int) -> int:
+    """The slice count (``>= at_least``) to time the fused views on, for scaling to ``shape[0]``.
+
+    Coronal and sagittal slices are ``si_length(n)`` rows tall, padded to a multiple of 16: at 40 of
+    the benchmark's 2.5 mm slices they are 67 rows padded to 80 (19 % padding), at 200 slices 333
+    padded to 336 (1 %), so a scale by the slice count overstated the fused time by ~15 %. This picks
+    the count (within 32 above ``at_least``) whose padded rows per slice come closest to the full
+    volume's, e.g. 57 (95 rows padded to 96) for 200 slices.
+    """
+    from bench.inference import FOV_MM, SLICE_MM
+    from data.preprocess import si_length
+    from inference.window import tile_size
+
+    spacing = (FOV_MM / shape[2], FOV_MM / shape[1], SLICE_MM)
+
+    def rows_per_slice(n: int) -> float:
+        return tile_size(si_length(n, spacing), 10**9) / n
+
+    target = rows_per_slice(shape[0])
+    candidates = range(at_least, min(at_least + 32, shape[0]) + 1)
+    return min(candidates, key=lambda n: (abs(rows_per_slice(n) - target), n))
+
+
 def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | None = None,
                   **kwargs: Any) -> dict[str, Any]:
     """``bench.inference.run`` for one axial model and three fused views, with and without I/O.
@@ -253,10 +276,11 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
         device: torch device string.
         shape: numpy shape (slices, rows, columns) of the volume the numbers are quoted for.
         fused_slices: None measures the fused views on ``shape`` too. Otherwise they are timed without
-            I/O on the first ``fused_slices`` slices with whole-slice inference (``tile=0``: per-slice
-            work then grows linearly with the slice count in every view), scaled by
-            ``shape[0] / fused_slices``, and the I/O time measured with the axial model is added for
-            ``fused_io_s``. ``fused_measured_shape`` and ``fused_scale`` record this.
+            I/O on the first :func:`fused_sub_slices` ``(shape, fused_slices)`` slices with whole-slice
+            inference (``tile=0``: per-slice work then grows linearly with the slice count in every
+            view), scaled by ``shape[0]`` over that count, and the I/O time measured with the axial
+            model is added for ``fused_io_s``. ``fused_measured_shape`` and ``fused_scale`` record
+            this.
         kwargs: other ``bench.inference.run`` arguments (width, block, batch, threads...).
 
     Returns:
@@ -267,9 +291,10 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
     if fused_slices is None or fused_slices >= shape[0]:
         return run(device=device, shape=shape, configs=INFERENCE_CONFIGS, io=True, **kwargs)
     res = run(device=device, shape=shape, configs=("axial",), io=True, **kwargs)
-    sub = (fused_slices, *shape[1:])
+    n_sub = fused_sub_slices(shape, fused_slices)
+    sub = (n_sub, *shape[1:])
     fused = run(device=device, shape=sub, configs=("fused",), io=False, **{**kwargs, "tile": 0})
-    scale = shape[0] / fused_slices
+    scale = shape[0] / n_sub
     io_overhead = max(0.0, res["axial_io_s"] - res["axial_s"])  # timing noise can make it negative
     res.update({
         "fused_measured_shape": list(sub), "fused_scale": scale, "fused_tile": 0,

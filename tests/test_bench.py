@@ -420,3 +420,23 @@ def test_gpu_check_section_over_its_cap_is_recorded_and_killed():
 
     res = run_isolated("train_bf16", smoke=True, cap_s=0.3)  # python + torch import alone take longer
     assert res["status"] == "timeout" and "cap" in res["error"]
+
+
+def test_fused_sub_slices_keep_the_padding_of_the_full_volume():
+    """The fused views are timed on fewer slices and scaled: the coronal/sagittal slices' padded
+    rows per axial slice must be those of the full volume, or the scale overstates the time."""
+    from bench.inference import FOV_MM, SLICE_MM
+    from bench.run import fused_sub_slices
+    from data.preprocess import si_length
+    from inference.window import tile_size
+
+    shape = (200, 256, 256)
+    spacing = (FOV_MM / 256, FOV_MM / 256, SLICE_MM)
+    n = fused_sub_slices(shape, 40)
+    assert 40 <= n <= 72
+
+    def rows(k: int) -> float:
+        return tile_size(si_length(k, spacing), 10**9) / k
+
+    assert abs(rows(n) / rows(200) - 1) < 0.01
+    assert abs(rows(40) / rows(200) - 1) > 0.1  # what the slice-count scale got wrong
