@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     validate_final_args(args)
     preflight_final(args)
     from engine.options import TrainOptions
+    from engine.runtime import retain_freed_memory
     from engine.trainer import fit
 
+    retain_freed_memory()  # activations reuse freed pages instead of faulting in new ones (CPU)
     summary = fit(TrainOptions.from_namespace(args))
     if summary["stop"] == "preempted":
         from engine.preempt import EXIT_REQUEUE

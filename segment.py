@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.config import load_config
     from data.volume import match_grid, read_geometry, read_volume, write_volume
+    from engine.runtime import retain_freed_memory
     from inference.evaluation import (
         case_key,
         format_case,
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from inference.segment import plan_outputs, resolve_device, segment_volume
     from utils.fileio import check_writable
+
+    retain_freed_memory()  # each slice's activations reuse freed pages (~10 % of a CPU pass)
 
     views = _views(args)
     _check_flags(args)

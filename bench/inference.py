@@ -242,6 +242,9 @@ def _time_configs(configs: tuple[str, ...], models: dict[str, Any], volume: Any,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.runtime import retain_freed_memory
+
+    retain_freed_memory()  # as Final.py and segment.py run
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=int, default=None, help="default 16 on the CPU, 64 on a GPU")
     ap.add_argument("--device", default="auto")

@@ -172,7 +172,7 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
     import SimpleITK as sitk  # noqa: N813
     import torch
 
-    from engine.runtime import resolve_device
+    from engine.runtime import resolve_device, retain_freed_memory
     from utils.fileio import write_json_atomic, write_text_atomic
 
     bad = [s for s in only if s not in SECTIONS]
@@ -189,9 +189,11 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
     if threads:
         torch.set_num_threads(threads)
     cfg = presets(gpu, quick, threads)
+    # the current settings run as Final.py and segment.py do; the old ones in fresh processes
+    retained = retain_freed_memory()
     report: dict[str, Any] = {"machine": machine_info(), "device": str(dev),
                               "device_name": torch.cuda.get_device_name(dev) if gpu else "cpu",
-                              "quick": quick, "threads": threads,
+                              "quick": quick, "threads": threads, "allocator_retains_freed": retained,
                               "presets": {s: _jsonable(cfg[s]) for s in only}, "results": {}}
     for s, extra in (("train", "train_compare"), ("inference", "inference_compare")):
         if s in only and cfg[extra] is not None:
@@ -313,8 +315,9 @@ def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
     old: instance norm with the InstanceNorm2d kernel, out-of-place ReLU, contiguous tensors,
     ``batch`` slices per pass, one pass at a time; new: what segment.py does on this device now
     (GroupNorm(C, C) kernel, ReLU in place, channels_last, its default batch and forward passes side
-    by side on a CPU); one_pass: the previous CPU default, GroupNorm(C, C), out-of-place ReLU,
-    channels_last, one pass of ``one_pass_batch`` slices at a time on all threads. All
+    by side on a CPU, the allocator that keeps freed pages); one_pass: the previous CPU default,
+    GroupNorm(C, C), out-of-place ReLU, channels_last, one pass of ``one_pass_batch`` slices at a
+    time on all threads. old and one_pass run in a fresh process, with the default allocator. All
     run ``inference.segment.segment_volume`` (under ``torch.inference_mode``) on the same volume with
     the same weights.
 
@@ -330,16 +333,27 @@ def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
         "ratio", "ratio_one_pass"}`` (ratios = old time / that time: above 1 means faster than old),
         ``shape``, ``load_avg_1min``.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from bench.inference import run
 
     out: dict[str, Any] = {"shape": list(shape)}
     runs = [("old", "instancenorm2d", False, False, batch, 1), ("new", "groupnorm", True, True, None, None)]
     if one_pass_batch:
         runs.append(("one_pass", "groupnorm", False, True, one_pass_batch, 1))
-    for name, kernel, inplace, cl, b, workers in runs:
-        r = run(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
-                relu_inplace=inplace, channels_last=cl, batch=b, workers=workers, **kwargs)
+    # The earlier settings run in a fresh process, with the C library's default allocator, as their
+    # code did; the new ones here, where main() tuned it as segment.py does (retain_freed_memory).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        results = {}
+        for name, kernel, inplace, cl, b, workers in runs:
+            kw = dict(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
+                      relu_inplace=inplace, channels_last=cl, batch=b, workers=workers, **kwargs)
+            results[name] = run(**kw) if name == "new" else fresh.submit(run, **kw).result()
+    for name, kernel, inplace, cl, _, _ in runs:
+        r = results[name]
         out[name] = {"norm_kernel": kernel, "relu_inplace": inplace, "channels_last": cl, "batch": r["batch"],
+                     "fresh_process": name != "new",
                      "workers": r["workers"],
                      "axial_s": r["axial_s"], "axial_cpu_s": r["axial_cpu_s"],
                      "axial_peak_rss_mb": r["axial_peak_rss_mb"]}

@@ -123,8 +123,9 @@ def _old_new_train_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
         o = c[name]
         kernel = "InstanceNorm2d" if o.get("norm_kernel") == "instancenorm2d" else "GroupNorm(C, C)"
         relu = "ReLU in place" if o.get("relu_inplace", True) else "out-of-place ReLU"
-        rows.append(("train", f"{name}: {kernel}, {relu}, {o['size']}x{o['size']}, batch {o['batch']}, "
-                     "slices/s; megapixels/s",
+        where = ", fresh process (default allocator)" if o.get("fresh_process") else ""
+        rows.append(("train", f"{name}: {kernel}, {relu}, {o['size']}x{o['size']}, "
+                     f"batch {o['batch']}{where}, slices/s; megapixels/s",
                      f"{_f(o.get('slices_per_s'), '.1f')}; {_f(o.get('megapixels_per_s'), '.3f')}"))
     rows.append(("train", "new / old, slices/s; megapixels/s (same run, steps alternating)",
                  f"{_f(c.get('slices_ratio'), '.2f', 'x')}; {_f(c.get('megapixels_ratio'), '.2f', 'x')}"))
@@ -139,14 +140,17 @@ def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, st
     def cell(r: dict[str, Any]) -> str:
         return f"{_f(r.get('axial_s'), '.2f')} (CPU {_f(r.get('axial_cpu_s'), '.1f')} s)"
 
+    def fresh(r: dict[str, Any]) -> str:
+        return ", fresh process (default allocator)" if r.get("fresh_process") else ""
+
     def passes(r: dict[str, Any]) -> str:
         w = r.get("workers", 1)
         side = "one pass at a time" if w == 1 else f"{w} passes side by side"
         return f"batch {r.get('batch', 16)}, {side}"
 
     rows = [
-        ("inference", f"old: axial, InstanceNorm2d, out-of-place ReLU, contiguous, {passes(c['old'])}, "
-         f"s per {vol} (no I/O)",
+        ("inference", f"old: axial, InstanceNorm2d, out-of-place ReLU, contiguous, {passes(c['old'])}"
+         f"{fresh(c['old'])}, s per {vol} (no I/O)",
          cell(c["old"])),
         ("inference", f"new: axial, GroupNorm(C, C), ReLU in place, channels_last, {passes(c['new'])}, "
          f"s per {vol} (no I/O)",
@@ -156,7 +160,7 @@ def _old_new_inference_rows(c: dict[str, Any] | None) -> list[tuple[str, str, st
     if "one_pass" in c:
         rows += [
             ("inference", f"previous CPU default: GroupNorm(C, C), out-of-place ReLU, channels_last, "
-             f"{passes(c['one_pass'])}, s per {vol} (no I/O)", cell(c["one_pass"])),
+             f"{passes(c['one_pass'])}{fresh(c['one_pass'])}, s per {vol} (no I/O)", cell(c["one_pass"])),
             ("inference", "old / that time", _f(c.get("ratio_one_pass"), ".2f", "x")),
         ]
     return rows

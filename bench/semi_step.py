@@ -241,6 +241,9 @@ def _flops(fn) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.runtime import retain_freed_memory
+
+    retain_freed_memory()  # as Final.py and segment.py run
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--width", type=int, default=None)

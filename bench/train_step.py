@@ -223,51 +223,102 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     }
 
 
+# The step of a "fresh process" setting (see compare), built in that process by _remote_setup
+_REMOTE_STEP: Any = None
+
+
+def _timed(step, dev) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call of ``step``."""
+    synchronize(dev)
+    t, c = time.perf_counter(), time.process_time()
+    step()
+    synchronize(dev)
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _remote_setup(kw: dict[str, Any], device: str, threads: int | None) -> int:
+    import os
+
+    import torch
+
+    global _REMOTE_STEP
+    if threads:
+        torch.set_num_threads(threads)
+    _REMOTE_STEP = (make_step(device=torch.device(device), **kw)[1], torch.device(device))
+    return os.getpid()
+
+
+def _remote_steps(n: int) -> list[tuple[float, float]]:
+    step, dev = _REMOTE_STEP
+    return [_timed(step, dev) for _ in range(n)]
+
+
 def compare(old: dict[str, Any], new: dict[str, Any], device: str = "cpu", steps: int = 10,
-            warmup: int = 3, threads: int | None = None) -> dict[str, Any]:
+            warmup: int = 3, threads: int | None = None, old_in_fresh_process: bool = True) -> dict[str, Any]:
     """Two training-step settings timed in one run, steps alternating (load changes hit both alike).
+
+    The old setting runs in a fresh process by default: the code it stands for ran with the C
+    library's default allocator, which this process may have tuned already
+    (:func:`engine.runtime.retain_freed_memory`, what Final.py does now and what bench.run applies
+    to the new settings); only one of the two processes computes at a time.
 
     Args:
         old, new: :func:`make_step` keyword arguments (``width``, ``size``, ``batch``, ``norm_kernel``,
             ...; ``slices`` 3 and ``num_classes`` 4 unless given).
         device: torch device string.
         steps, warmup: timed and untimed steps of each setting.
-        threads: ``torch.set_num_threads`` (CPU), None leaves it.
+        threads: ``torch.set_num_threads`` (CPU, in both processes), None leaves it.
+        old_in_fresh_process: False runs both settings in this process.
 
     Returns:
         ``{"old": {...}, "new": {...}, "slices_ratio", "megapixels_ratio", "load_avg_1min"}``: per
         setting its arguments, ``s_per_step`` (median), ``cpu_s_per_step`` (process CPU time, mean),
-        ``slices_per_s``, ``megapixels_per_s``; the ratios are new / old (of the medians).
+        ``slices_per_s``, ``megapixels_per_s``, ``fresh_process`` and the ``pid`` that ran it; the
+        ratios are new / old (of the medians).
     """
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    setups = {}
+    settings = {}
     for name, kw in (("old", old), ("new", new)):
         kw = {"slices": 3, "num_classes": 4, **kw}
         if kw["size"] % 16:
             raise InputError(None, f"size must be divisible by 16, got {kw['size']}")
-        setups[name] = (kw, make_step(device=dev, **kw)[1])
-    for _ in range(warmup):
-        for _, step in setups.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    cpu: dict[str, float] = {name: 0.0 for name in setups}
-    for _ in range(steps):
-        for name, (_, step) in setups.items():
-            synchronize(dev)
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            synchronize(dev)
-            times[name].append(time.perf_counter() - t)
-            cpu[name] += time.process_time() - c
+        settings[name] = kw
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) \
+        if old_in_fresh_process else None
+    try:
+        runners, pids = {}, {}
+        for name, kw in settings.items():
+            pids[name] = os.getpid()
+            if name == "old" and pool is not None:
+                pids[name] = pool.submit(_remote_setup, kw, device, threads).result()
+                runners[name] = lambda n: pool.submit(_remote_steps, n).result()
+            else:
+                step = make_step(device=dev, **kw)[1]
+                runners[name] = lambda n, step=step: [_timed(step, dev) for _ in range(n)]
+        for run_steps in runners.values():
+            run_steps(warmup)
+        timed: dict[str, list[tuple[float, float]]] = {name: [] for name in settings}
+        for _ in range(steps):
+            for name, run_steps in runners.items():
+                timed[name] += run_steps(1)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     out: dict[str, Any] = {}
-    for name, (kw, _) in setups.items():
-        ts = sorted(times[name])
+    for name, kw in settings.items():
+        ts = sorted(wall for wall, _ in timed[name])
         med = ts[len(ts) // 2]
-        out[name] = {**kw, "s_per_step": med, "s_per_step_min": ts[0], "cpu_s_per_step": cpu[name] / steps,
+        out[name] = {**kw, "s_per_step": med, "s_per_step_min": ts[0],
+                     "cpu_s_per_step": sum(cpu for _, cpu in timed[name]) / steps,
+                     "fresh_process": name == "old" and old_in_fresh_process, "pid": pids[name],
                      "slices_per_s": kw["batch"] / med,
                      "megapixels_per_s": kw["batch"] * kw["size"] ** 2 / med / 1e6}
     out["slices_ratio"] = out["new"]["slices_per_s"] / out["old"]["slices_per_s"]
@@ -277,6 +328,9 @@ def compare(old: dict[str, Any], new: dict[str, Any], device: str = "cpu", steps
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.runtime import retain_freed_memory
+
+    retain_freed_memory()  # as Final.py and segment.py run
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--blocks", type=int, nargs="+", default=[1],

@@ -97,6 +97,27 @@ def test_presets_fit_their_benchmarks(gpu, quick):
         inspect.signature(fns[name]).bind_partial(**kwargs, **extra)  # TypeError on a wrong name
 
 
+def test_old_settings_run_in_a_fresh_process_beside_the_new_ones(one_thread):
+    """The old-vs-new comparisons at the quick preset's sizes: the old settings run in a spawned
+    process (the default allocator their code ran with), steps alternating with the new ones here."""
+    import os
+
+    from bench.train_step import compare
+
+    cfg = bench_run.presets(gpu=False, quick=True, threads=1)
+    res = compare(device="cpu", **cfg["train_compare"])
+    assert res["old"]["fresh_process"] and not res["new"]["fresh_process"]
+    assert res["new"]["pid"] == os.getpid() != res["old"]["pid"]
+    for which in ("old", "new"):
+        assert res[which]["s_per_step"] > 0 and res[which]["cpu_s_per_step"] > 0
+        assert res[which]["size"] == cfg["train_compare"][which]["size"]
+    assert res["slices_ratio"] == pytest.approx(res["new"]["slices_per_s"] / res["old"]["slices_per_s"])
+
+    inf = bench_run.compare_inference(device="cpu", **cfg["inference_compare"])
+    assert {"old", "new", "one_pass"} <= set(inf) and inf["ratio"] > 0
+    assert inf["old"]["norm_kernel"] == "instancenorm2d" and inf["new"]["channels_last"]
+
+
 def _options(**kw) -> ablation.Options:
     return ablation.Options(out="/x", **kw)
 
@@ -346,26 +367,29 @@ def test_instance_norm2d_swap_keeps_the_outputs():
 def test_old_vs_new_rows_on_fake_results():
     train = {"width": 16, "size": 128, "batch": 8, "amp": "off", "slices_per_s": 30.0,
              "old_vs_new": {"old": {"size": 128, "batch": 8, "norm_kernel": "instancenorm2d",
-                                    "relu_inplace": False,
+                                    "relu_inplace": False, "fresh_process": True,
                                     "slices_per_s": 20.0, "megapixels_per_s": 0.328},
                             "new": {"size": 96, "batch": 8, "norm_kernel": "groupnorm",
                                     "slices_per_s": 40.0, "megapixels_per_s": 0.369},
                             "slices_ratio": 2.0, "megapixels_ratio": 1.125}}
     inference = {"shape": [200, 256, 256], "axial_s": 20.0,
-                 "old_vs_new": {"shape": [200, 256, 256], "old": {"axial_s": 30.0, "batch": 16, "workers": 1},
+                 "old_vs_new": {"shape": [200, 256, 256], "old": {"axial_s": 30.0, "batch": 16, "workers": 1,
+                                                                   "fresh_process": True},
                                 "new": {"axial_s": 20.0, "axial_cpu_s": 35.0, "batch": 1, "workers": 2},
                                 "one_pass": {"axial_s": 15.0, "batch": 2, "workers": 1},
                                 "ratio": 1.5, "ratio_one_pass": 2.0}}
     by = {m: v for _, m, v in bench_run.summary_rows({"train": train, "inference": inference}, gpu=False)}
-    assert by["old: InstanceNorm2d, out-of-place ReLU, 128x128, batch 8, slices/s; megapixels/s"] == (
-        "20.0; 0.328")
+    assert by["old: InstanceNorm2d, out-of-place ReLU, 128x128, batch 8, fresh process (default allocator), "
+              "slices/s; megapixels/s"] == "20.0; 0.328"
     assert by["new: GroupNorm(C, C), ReLU in place, 96x96, batch 8, slices/s; megapixels/s"] == "40.0; 0.369"
     assert by["new / old, slices/s; megapixels/s (same run, steps alternating)"] == "2.00x; 1.12x"
     assert by["old / new time (same run, one after the other)"] == "1.50x"
     assert by["new: axial, GroupNorm(C, C), ReLU in place, channels_last, batch 1, 2 passes side by side, "
               "s per 256x256x200 (no I/O)"] == "20.00 (CPU 35.0 s)"
     assert ("old: axial, InstanceNorm2d, out-of-place ReLU, contiguous, batch 16, one pass at a time, "
-            "s per 256x256x200 (no I/O)") in by
+            "fresh process (default allocator), s per 256x256x200 (no I/O)") in by
+    assert ("previous CPU default: GroupNorm(C, C), out-of-place ReLU, channels_last, batch 2, one pass at "
+            "a time, s per 256x256x200 (no I/O)") in by  # no fresh_process in its record
     assert by["old / that time"] == "2.00x"
     assert all("|" not in m and "|" not in v for m, v in by.items())  # Markdown table cells
 
