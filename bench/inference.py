@@ -54,6 +54,9 @@ class PeakRss(contextlib.AbstractContextManager):
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakRss:
+        from engine.runtime import release_freed_memory
+
+        release_freed_memory()  # memory kept from before would otherwise hide this call's peak
         self.start_mb = _rss_mb()
         self._max = self.start_mb
         self._thread = threading.Thread(target=self._run, daemon=True)

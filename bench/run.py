@@ -97,7 +97,7 @@ def presets(gpu: bool, quick: bool = False, threads: int | None = 2) -> dict[str
         "semi": {"width": 16, "size": 128, "batch": 8, "unlabeled_batch": 4, "amp": "off",
                  "steps": 8, "warmup": 2, "threads": threads},
         # Three fused views of 200 slices take 5-10 min of a 2-core CPU: the fused number is measured on
-        # ~40 slices (whole-slice inference) and scaled to 200 (see fused_sub_slices).
+        # 57 slices (whole-slice inference) and scaled to 200 (see fused_sub_slices).
         # segment.py's CPU settings: channels_last models, its default batch and passes side by side
         "inference": {"width": 16, "shape": (200, 256, 256), "block": 224, "batch": None, "threads": threads,
                       "fused_slices": 40, "channels_last": True},
@@ -257,16 +257,19 @@ def fused_sub_slices(shape: tuple[int, int, int], at_least: int) -> int:
     volume's, e.g. 57 (95 rows padded to 96) for 200 slices.
     """
     from bench.inference import FOV_MM, SLICE_MM
+    from data.config import load_config
     from data.preprocess import si_length
     from inference.window import tile_size
 
-    spacing = (FOV_MM / shape[2], FOV_MM / shape[1], SLICE_MM)
+    # segment_volume resamples each slice to the config's in-plane grid first (same field of view)
+    rows, cols = load_config().inplane_size
+    spacing = (FOV_MM / cols, FOV_MM / rows, SLICE_MM)
 
     def rows_per_slice(n: int) -> float:
         return tile_size(si_length(n, spacing), 10**9) / n
 
     target = rows_per_slice(shape[0])
-    candidates = range(at_least, min(at_least + 32, shape[0]) + 1)
+    candidates = range(at_least, max(at_least, min(at_least + 32, shape[0] - 1)) + 1)
     return min(candidates, key=lambda n: (abs(rows_per_slice(n) - target), n))
 
 
@@ -317,7 +320,7 @@ def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
     (GroupNorm(C, C) kernel, ReLU in place, channels_last, its default batch and forward passes side
     by side on a CPU, the allocator that keeps freed pages); one_pass: the previous CPU default,
     GroupNorm(C, C), out-of-place ReLU, channels_last, one pass of ``one_pass_batch`` slices at a
-    time on all threads. old and one_pass run in a fresh process, with the default allocator. All
+    time on all threads. old, then one_pass, run in a spawned process with the default allocator. All
     run ``inference.segment.segment_volume`` (under ``torch.inference_mode``) on the same volume with
     the same weights.
 

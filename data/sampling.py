@@ -161,6 +161,23 @@ def organ_slice_ranges(volumes: Sequence[CachedVolume], view: str,
     return {d: (max(0.0, lo - margin), min(1.0, hi + margin)) for d, (lo, hi) in spans.items()}
 
 
+_READ_ONLY_WARNED = False
+
+
+def _as_tensor(array: np.ndarray) -> Tensor:
+    """``torch.from_numpy`` without its warning about read-only arrays (the cache's maps): torch
+    warns once per process, so only the first call needs silencing, and silencing every call would
+    reset the once-only registry of every other warning."""
+    global _READ_ONLY_WARNED
+    if _READ_ONLY_WARNED or array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    _READ_ONLY_WARNED = True
+    return tensor
+
+
 def _owned(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``array`` that is no view into a memory map (a view would pin the map
     and pickle lazily), with the same values."""
@@ -171,10 +188,8 @@ def _owned(array: np.ndarray) -> np.ndarray:
         # it at the unflipped speed, from the same memory viewed with positive strides (read only).
         forward = array[tuple(slice(None, None, -1) if ax in flipped else slice(None)
                               for ax in range(array.ndim))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "not writable": torch only reads it here
-            copy = torch.from_numpy(forward).flip(flipped).contiguous()
-        return copy.numpy()
+        # contiguous(): flip keeps a dense input's strides, so a rot90 (transposed) view stays one
+        return _as_tensor(forward).flip(flipped).contiguous().numpy()
     out = np.ascontiguousarray(array)
     return out if out.flags.owndata else out.copy()
 

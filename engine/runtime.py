@@ -17,6 +17,24 @@ _MMAP_THRESHOLD_MAX = 32 << 20
 _retained = False
 
 
+def _glibc():
+    """glibc's ``ctypes`` handle, or None elsewhere (musl, macOS, Windows) and where another
+    allocator is preloaded (jemalloc/tcmalloc: glibc's mallopt would succeed and change nothing)."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "confstr"):
+        return None
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    except (OSError, ValueError, AttributeError):
+        return None
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    return libc
+
+
 def retain_freed_memory() -> bool:
     """Keep freed tensor memory in the process, for the next forward pass to reuse (glibc only).
 
@@ -27,11 +45,12 @@ def retain_freed_memory() -> bool:
     pass. Serving blocks up to 32 MiB from the heap and trimming it only beyond 2 GiB of free memory
     at its top makes the pages stay: the
     same slice had ~2,800 faults per pass, and the pass took 67 instead of 76 ms (the fastest of 30,
-    AVX2 kernels). The process keeps its peak memory until it exits, which is what a training or
-    segmentation process does anyway; no number changes.
+    AVX2 kernels). No computed value changes. The process keeps its peak memory until it exits, as
+    a training or segmentation process does anyway (a benchmark that measures memory calls
+    :func:`release_freed_memory` first).
 
     Called once by the command-line entry points (Final.py, segment.py, the benchmarks' new settings)
-    before tensors are made; a no-op off Linux/glibc and on repeated calls.
+    before tensors are made; a no-op without glibc and on repeated calls.
 
     Returns:
         True when the allocator was tuned (now or by an earlier call).
@@ -39,18 +58,22 @@ def retain_freed_memory() -> bool:
     global _retained
     if _retained:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries without glibc's mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; the trim threshold is an int: the largest one never trims
-    _retained = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # mallopt returns 1 on success; 32 MiB is the largest mmap threshold glibc takes on 64-bit (on
+    # 32-bit it refuses it and nothing is changed); the trim threshold is an int
+    _retained = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _retained
+
+
+def release_freed_memory() -> None:
+    """Give the freed memory :func:`retain_freed_memory` keeps back to the kernel (glibc's
+    ``malloc_trim``), e.g. before measuring a peak above the current resident size."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -449,18 +449,13 @@ def test_gpu_check_section_over_its_cap_is_recorded_and_killed():
 def test_fused_sub_slices_keep_the_padding_of_the_full_volume():
     """The fused views are timed on fewer slices and scaled: the coronal/sagittal slices' padded
     rows per axial slice must be those of the full volume, or the scale overstates the time."""
-    from bench.inference import FOV_MM, SLICE_MM
     from bench.run import fused_sub_slices
-    from data.preprocess import si_length
-    from inference.window import tile_size
 
-    shape = (200, 256, 256)
-    spacing = (FOV_MM / 256, FOV_MM / 256, SLICE_MM)
-    n = fused_sub_slices(shape, 40)
-    assert 40 <= n <= 72
-
-    def rows(k: int) -> float:
-        return tile_size(si_length(k, spacing), 10**9) / k
-
-    assert abs(rows(n) / rows(200) - 1) < 0.01
-    assert abs(rows(40) / rows(200) - 1) > 0.1  # what the slice-count scale got wrong
+    # 384 mm field of view on the default 256 x 256 grid (1.5 mm), 2.5 mm slices: 200 slices make
+    # coronal slices 333 rows tall, padded to 336 (1.680 per axial slice); 40 slices 67 rows padded
+    # to 80 (2.0: the old scale's +19 %); 57 slices 95 rows padded to 96 (1.684)
+    assert fused_sub_slices((200, 256, 256), 40) == 57
+    # the grid is the config's, whatever the file's: a 512 x 512 CT is resampled to 256 x 256 first
+    assert fused_sub_slices((200, 512, 512), 40) == 57
+    assert fused_sub_slices((16, 64, 64), 8) == 8  # 8 slices: 13 rows padded to 16, as 16: 27 -> 32
+    assert fused_sub_slices((45, 256, 256), 40) < 45  # never the whole volume

@@ -132,6 +132,29 @@ def test_samples_are_owned_copies_of_the_flipped_crops(volumes, rot90):
             assert not any(np.shares_memory(s[key], v.image("axial")) for v in vols)
 
 
+def test_owned_copies_do_not_repeat_once_only_warnings(volumes):
+    """Silencing torch's read-only warning must not reset Python's once-only warning registry (a
+    catch_warnings per sample did, and a warning of the training loop printed at every step)."""
+    import warnings
+
+    from data.sampling import _owned
+
+    labeled, _ = volumes
+    flipped = labeled[0].image("axial")[1:4, ::-1]
+    assert not flipped.flags.writeable
+    _owned(flipped)  # torch's own warning, silenced once
+
+    def warn_once():
+        warnings.warn("shown once per location", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warn_once()
+            _owned(flipped)
+    assert len(shown) == 1, [str(w.message) for w in shown]
+
+
 def test_determinism_seed_epoch(volumes):
     labeled, _ = volumes
     a = SliceDataset(labeled, CONFIG, "axial", block=16, samples_per_epoch=20, seed=7)
