@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime import retain_freed_memory
     from engine.trainer import fit
 
-    retain_freed_memory()  # activations reuse freed pages instead of faulting in new ones (CPU)
+    retain_freed_memory()  # activations reuse freed pages instead of faulting in new ones
     summary = fit(TrainOptions.from_namespace(args))
     if summary["stop"] == "preempted":
         from engine.preempt import EXIT_REQUEUE

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.segment import plan_outputs, resolve_device, segment_volume
     from utils.fileio import check_writable
 
-    retain_freed_memory()  # each slice's activations reuse freed pages (~10 % of a CPU pass)
+    retain_freed_memory()  # passes on the main thread reuse freed pages (see its docstring)
 
     views = _views(args)
     _check_flags(args)
