@@ -139,11 +139,11 @@ def _semi_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp", default="encoder", choices=("encoder", "head"),
                    help="feature perturbation: dropout on every encoder level decoded by the whole decoder "
                         "(UniMatch), or on the scale features before the heads (the original)")
-    g.add_argument("--cutmix-pairs", default="index", choices=("index", "dataset"),
-                   help="datasets of the second weak batch (the CutMix source): in turn by sample index, or "
-                        "those of the first batch, so that every sample finds a partner labeling the same "
-                        "organs (--pseudo merged needs one; by index, 3 datasets and 2 + 2 slices leave "
-                        "half without); experimental")
+    g.add_argument("--cutmix-pairs", default="dataset", choices=("index", "dataset"),
+                   help="datasets of the second weak batch (the CutMix source): those of the first batch, so "
+                        "that every sample finds a partner labeling the same organs (--pseudo merged needs "
+                        "one), or in turn by sample index (the default before; with 3 datasets and 2 + 2 "
+                        "slices it left half the samples without)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:

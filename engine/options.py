@@ -70,7 +70,7 @@ class TrainOptions:
     semi_warmup: float = 0.3
     semi_rampup: float = 0.1
     fp: str = "encoder"
-    cutmix_pairs: str = "index"
+    cutmix_pairs: str = "dataset"
     # run
     out: str = "./runs/unimos"
     device: str = "auto"

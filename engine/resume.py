@@ -28,6 +28,8 @@ log = logging.getLogger("unimos")
 RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "mix", "lr", "schedule",
                "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize", "epochs", "semi_warmup",
                "semi_rampup", "organ_threshold", "ema_momentum", "threshold", "cutmix_pairs")
+# What a checkpoint written before an option existed (or changed its default) ran with
+LEGACY_ARGS = {"cutmix_pairs": "index"}
 
 
 def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],
@@ -76,6 +78,7 @@ def changed_settings(old_args: dict[str, Any], opts: TrainOptions, world: int) -
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
 
+    old_args = {**LEGACY_ARGS, **old_args}
     changed = [f"--{k.replace('_', '-')} {old_args[k]} -> {getattr(opts, k)}" for k in RESUME_ARGS
                if k in old_args and plain(old_args[k]) != plain(getattr(opts, k, old_args[k]))]
     old_world = old_args.get("world")

@@ -237,3 +237,16 @@ def test_resume_with_changed_schedule_settings_says_so_and_uses_them(tiny_data, 
     got = load_checkpoint(tmp_path / LAST)
     assert got["ema"]["momentum"] == 0.5
     assert got["semi_state"]["thresholds"] == {"values": [0.6], "milestones": []}
+
+
+def test_checkpoints_from_before_dataset_pairing_say_they_paired_by_index():
+    """A checkpoint written before --cutmix-pairs (or while its default was index) ran with index
+    pairing: resuming it with today's default is reported as a change, not taken as a continuation."""
+    from engine.options import TrainOptions
+    from engine.resume import changed_settings
+
+    opts = TrainOptions()
+    assert opts.cutmix_pairs == "dataset"
+    assert changed_settings({"batchsize": opts.batchsize}, opts, 1) == ["--cutmix-pairs index -> dataset"]
+    assert changed_settings({"cutmix_pairs": "dataset"}, opts, 1) == []
+    assert changed_settings({}, TrainOptions(cutmix_pairs="index"), 1) == []
