@@ -42,11 +42,12 @@ def retain_freed_memory() -> bool:
     threshold, and the top of the heap above its trim threshold), so the activations of every pass
     arrive as fresh pages that fault and are zero-filled on first touch. Serving blocks up to 32 MiB
     from the heap and trimming it only beyond 2 GiB of free memory at its top keeps them. Measured
-    (2 cores, AVX2 kernels): a width-16 256 x 256 forward on one thread had ~10,000 page faults per
-    pass and took 67 instead of 76 ms (fastest of 30); a demo-preset training step (batch 8, 96 x 96,
-    2 threads) 3,700-6,400 faults instead of 0-200, 1-2 % faster (176-179 vs 175-183 ms, medians of 30
-    steps, within run-to-run noise). Passes that run in worker threads (segment.py's CPU default)
-    already keep their memory in the threads' arenas: unchanged. No computed value changes. The
+    (2 cores, AVX2 kernels): a width-16 256 x 256 forward on one thread faulted ~10,000 pages per
+    pass by default and ~2,800 with this, and took 67 instead of 76 ms (fastest of 30); a demo-preset
+    training step (batch 8, 96 x 96, 2 threads) 0-200 faults instead of 3,700-6,400, 1-2 % faster
+    (medians of 30 steps 176-179 vs 175-183 ms: within run-to-run noise). Passes that run in worker
+    threads (segment.py's CPU default) already keep their memory in the threads' arenas: unchanged.
+    No computed value changes. The
     process keeps its peak memory until it exits, as a training or segmentation process does anyway
     (a benchmark that measures memory calls :func:`release_freed_memory` first).
 
