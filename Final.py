@@ -126,8 +126,8 @@ def _semi_args(p: argparse.ArgumentParser) -> None:
                    metavar=("X", "FP", "S1", "S2"),
                    help="weights of the labeled, feature-perturbed and two strong-view losses. The labeled "
                         "loss counts twice (UniMatch: once): on phantoms trained until supervised training "
-                        "overfits, TAL + semi was then +0.085, +0.028, +0.004 mean Dice ahead of TAL at "
-                        "1, 2, 4 labeled volumes per dataset (3 seeds; README)")
+                        "overfits, TAL + semi was then +0.098, +0.048, +0.002 mean Dice ahead of TAL at "
+                        "1, 2, 4 labeled volumes per dataset (3 seeds, CutMix pairs by dataset; README)")
     g.add_argument("--semi-divisor", type=float, default=2.0,
                    help="the weighted sum is divided by this (the original's / 2)")
     g.add_argument("--semi-warmup", type=float, default=0.3,

@@ -144,9 +144,18 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+def _final_defaults() -> dict[str, Any]:
+    """Final.py's defaults now, as JSON values. A command leaves most settings to them, so the same
+    command after a default changed (e.g. --cutmix-pairs in 4f6627f) trains something else."""
+    from engine.options import TrainOptions
+
+    return json.loads(json.dumps(asdict(TrainOptions()), default=str))
+
+
 def _finished(out: Path, cmd: list[str]) -> bool:
     try:
-        same = json.loads((out / RUN_STAMP).read_text())["command"] == cmd[1:]
+        stamp = json.loads((out / RUN_STAMP).read_text())
+        same = stamp["command"] == cmd[1:] and stamp.get("final_defaults") == _final_defaults()
         summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -154,7 +163,8 @@ def _finished(out: Path, cmd: list[str]) -> bool:
 
 
 def train(cmd: list[str], out: Path, threads: int, reuse: bool, log=print) -> dict[str, Any]:
-    """Run one Final.py command (log in ``out/train.log``), or reuse an identical finished run.
+    """Run one Final.py command (log in ``out/train.log``), or reuse a finished run of the identical
+    command under the same Final.py defaults.
 
     Returns:
         ``{"returncode", "wall_s", "reused", "summary" (train_summary json or None), "tail"}``.
@@ -174,7 +184,7 @@ def train(cmd: list[str], out: Path, threads: int, reuse: bool, log=print) -> di
     out.mkdir(parents=True)
     from utils.fileio import write_json_atomic
 
-    write_json_atomic(out / RUN_STAMP, {"command": cmd[1:]})
+    write_json_atomic(out / RUN_STAMP, {"command": cmd[1:], "final_defaults": _final_defaults()})
     log("  $ " + " ".join(shlex.quote(c) for c in ["python", *cmd[1:]]))
     t0 = time.time()
     tail: list[str] = []

@@ -459,3 +459,28 @@ def test_fused_sub_slices_keep_the_padding_of_the_full_volume():
     assert fused_sub_slices((200, 512, 512), 40) == 57
     assert fused_sub_slices((16, 64, 64), 8) == 8  # 8 slices: 13 rows padded to 16, as 16: 27 -> 32
     assert fused_sub_slices((45, 256, 256), 40) < 45  # never the whole volume
+
+
+def test_reuse_needs_the_same_command_and_the_same_final_py_defaults(tmp_path):
+    """--reuse keeps a finished run only if its command ran under today's Final.py defaults: the same
+    command from before --cutmix-pairs became dataset trained with index pairing."""
+    import json
+
+    from bench.ablation import RUN_STAMP, VIEW, _final_defaults, _finished
+
+    cmd = ["Final.py", "--data", "d", "--semi"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f"train_summary_{VIEW}.json").write_text(json.dumps({"stop": "done"}))
+    (run / f"resu_best_{VIEW}.pth.tar").write_bytes(b"x")
+
+    def stamp(**fields):
+        (run / RUN_STAMP).write_text(json.dumps({"command": cmd[1:], **fields}))
+
+    stamp(final_defaults=_final_defaults())
+    assert _finished(run, cmd)
+    assert not _finished(run, [*cmd, "--fp", "head"])
+    stamp(final_defaults={**_final_defaults(), "cutmix_pairs": "index"})
+    assert not _finished(run, cmd)
+    stamp()  # written before the defaults were recorded
+    assert not _finished(run, cmd)
