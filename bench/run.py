@@ -348,18 +348,14 @@ def compare_inference(device: str, shape: tuple[int, int, int], batch: int = 16,
     # The earlier settings run in a fresh process, with the C library's default allocator, as their
     # code did; the new ones here, where main() tuned it as segment.py does (retain_freed_memory).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        results = {}
         for name, kernel, inplace, cl, b, workers in runs:
             kw = dict(device=device, shape=shape, configs=("axial",), io=False, norm_kernel=kernel,
                       relu_inplace=inplace, channels_last=cl, batch=b, workers=workers, **kwargs)
-            results[name] = run(**kw) if name == "new" else fresh.submit(run, **kw).result()
-    for name, kernel, inplace, cl, _, _ in runs:
-        r = results[name]
-        out[name] = {"norm_kernel": kernel, "relu_inplace": inplace, "channels_last": cl, "batch": r["batch"],
-                     "fresh_process": name != "new",
-                     "workers": r["workers"],
-                     "axial_s": r["axial_s"], "axial_cpu_s": r["axial_cpu_s"],
-                     "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
+            r = run(**kw) if name == "new" else fresh.submit(run, **kw).result()
+            out[name] = {"norm_kernel": kernel, "relu_inplace": inplace, "channels_last": cl,
+                         "batch": r["batch"], "fresh_process": name != "new", "workers": r["workers"],
+                         "axial_s": r["axial_s"], "axial_cpu_s": r["axial_cpu_s"],
+                         "axial_peak_rss_mb": r["axial_peak_rss_mb"]}
     out["ratio"] = out["old"]["axial_s"] / out["new"]["axial_s"]
     if one_pass_batch:
         out["ratio_one_pass"] = out["old"]["axial_s"] / out["one_pass"]["axial_s"]

@@ -192,18 +192,11 @@ def run(width: int = 16, size: int = 128, batch: int = 8, slices: int = 3, num_c
     compile_s = time.perf_counter() - t0 if compile else None
     for _ in range(max(warmup - 1, 0)):
         step()
-    times = []
-    cpu0 = time.process_time()
-    for _ in range(steps):
-        synchronize(dev)
-        t = time.perf_counter()
-        step()
-        synchronize(dev)
-        times.append(time.perf_counter() - t)
+    timed = [_timed(step, dev) for _ in range(steps)]
     # CPU seconds of this process per step: on a shared machine it shows the work done, which wall time
     # (inflated by other processes, and by idle-spinning threads) does not
-    cpu_s = (time.process_time() - cpu0) / steps
-    times.sort()
+    cpu_s = sum(cpu for _, cpu in timed) / steps
+    times = sorted(wall for wall, _ in timed)
     med = times[len(times) // 2]
     achieved = train_flops * batch / med / 1e12
     peak = peak_tflops(dev)
