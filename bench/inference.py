@@ -11,8 +11,11 @@ model, ``fused`` = axial + coronal + sagittal models fused. Each configuration i
 (``segment_volume`` on an in-memory volume) and with I/O (read the .nii.gz, segment, write the
 .nii.gz). Peak RSS above the pre-call level is sampled from /proc during each call; ru_maxrss is the
 process's high-water mark. ``--block`` is the training crop of the fake checkpoint (224 as Final.py's
-default: 256 slices are then processed as 4 overlapping 224 tiles); ``--tile 0`` processes whole
-slices. ``run(...)`` returns the numbers as a dict for ``bench/run.py``.
+default: segment.py then processes slices up to 448 x 448 whole, larger ones in 224 tiles);
+``--tile N`` forces tiles of N, ``--tile 0`` whole slices. The model FLOPs of each call are counted
+from the pixels its forward passes see (every forward of MOSNet costs the same FLOPs per pixel), so
+counting costs nothing in the timed call. ``run(...)`` returns the numbers as a dict for
+``bench/run.py``.
 """
 
 from __future__ import annotations
@@ -123,9 +126,9 @@ def run(width: int | None = None, device: str = "auto", shape: tuple[int, int, i
     Returns:
         dict with the settings and, per configuration, ``{config}_s`` (no I/O), ``{config}_cpu_s``
         (process CPU time of that call: on a shared machine, CPU time / threads bounds what an idle
-        machine would take), ``{config}_io_s``,
-        ``{config}_peak_rss_mb`` (above the pre-call level), ``{config}_io_peak_rss_mb``, plus
-        ``ru_maxrss_mb`` and ``device``.
+        machine would take), ``{config}_gflop`` (model FLOPs of the call without I/O, /1e9),
+        ``{config}_io_s``, ``{config}_peak_rss_mb`` (above the pre-call level),
+        ``{config}_io_peak_rss_mb``, plus ``ru_maxrss_mb`` and ``device``.
 
     Raises:
         InputError: unknown configuration or unavailable device.
@@ -213,12 +216,53 @@ def _random_models(model_args: dict[str, Any], config: Any, block: int, dev: Any
     return {v: make(v) for v in VIEWS3}
 
 
+def flops_per_pixel(model: Any, slices: int, side: int = 64) -> float:
+    """Model FLOPs of one forward pass per input pixel (counted on a ``side x side`` input).
+
+    Every layer of MOSNet is a convolution, a pooling or an upsampling by a fixed factor, and the
+    fusion's pooling is adaptive: for sides divisible by 16 the FLOPs grow exactly with the pixel
+    count (``tests/test_bench.py`` checks 64 x 64 against 256 x 256 and 96 x 160).
+    """
+    import torch
+
+    from utils.flops import count_flops
+
+    with torch.no_grad():
+        return count_flops(model, (1, slices, side, side)) / side**2
+
+
+@contextlib.contextmanager
+def _pixel_counter(models: list[Any]):
+    """Count the input pixels (batch x height x width) of every forward pass of ``models``.
+
+    Yields a one-element list holding the running count; forward pre-hooks (a few microseconds per
+    pass, thread-safe under the GIL) are removed on exit.
+    """
+    count = [0]
+    lock = threading.Lock()
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        with lock:
+            count[0] += int(x.shape[0]) * int(x.shape[-2]) * int(x.shape[-1])
+
+    handles = [m.register_forward_pre_hook(hook) for m in {id(m): m for m in models}.values()]
+    try:
+        yield count
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _time_configs(configs: tuple[str, ...], models: dict[str, Any], volume: Any, io: bool,
                   sync: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Seconds, CPU seconds and peak RSS of each configuration, without and with NIfTI I/O."""
+    """Seconds, CPU seconds, model FLOPs and peak RSS of each configuration, without and with NIfTI
+    I/O."""
     from data.volume import read_volume, write_volume
     from inference.segment import segment_volume
 
+    # the three views' networks are the same architecture: one count of FLOPs per pixel
+    fpp = flops_per_pixel(models["axial"].model, models["axial"].slices)
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
@@ -226,13 +270,14 @@ def _time_configs(configs: tuple[str, ...], models: dict[str, Any], volume: Any,
             write_volume(volume, src)
         for name in configs:
             members = [models["axial"]] if name == "axial" else [models[v] for v in VIEWS3]
-            with PeakRss() as mem:
+            with PeakRss() as mem, _pixel_counter([m.model for m in members]) as pixels:
                 t0, c0 = time.perf_counter(), time.process_time()
                 seg = segment_volume(members, volume, **kwargs)
                 sync()
                 result[f"{name}_s"] = time.perf_counter() - t0
                 result[f"{name}_cpu_s"] = time.process_time() - c0
             result[f"{name}_peak_rss_mb"] = mem.peak_mb
+            result[f"{name}_gflop"] = fpp * pixels[0] / 1e9
             del seg
             if io:
                 with PeakRss() as mem:

@@ -62,3 +62,43 @@ def machine_info() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Presets
+
+
+def matmul_gflops(threads: int | None = None, n: int = 1024, repeats: int = 15) -> float:
+    """This CPU's fp32 matrix-multiply rate, GFLOP/s (median of ``repeats`` ``n x n`` products).
+
+    The reference a benchmark's achieved rate is divided by: a dense GEMM is about the fastest work
+    this CPU does in fp32, so a network whose convolutions reach a large fraction of it cannot get much
+    faster by tuning kernels, only by doing less work. Measured in the same run as the numbers it is
+    compared with (machines of one kind differ ~3x, and a shared machine's speed changes over minutes).
+
+    Args:
+        threads: ``torch.set_num_threads`` for the measurement (restored afterwards); None: as set.
+        n: matrix size (1024: ~2 GFLOP per product, past the caches, still fast on a slow CPU).
+        repeats: timed products, after three untimed ones.
+
+    Returns:
+        GFLOP/s (2 n^3 per product).
+    """
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.rand(n, n, generator=g), torch.rand(n, n, generator=g)
+        out = torch.empty(n, n)
+        for _ in range(3):
+            torch.mm(a, b, out=out)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e9

@@ -7,11 +7,15 @@ Calls the ``run(...)`` function of each benchmark in ``bench/`` once, in this or
 
 * ``loader``: 2.5D samples/s from the slice cache vs the original's per-sample NIfTI decode (one core);
 * ``train``: supervised training step (forward, deep-supervised TAL, backward, RMSprop), slices/s and
-  FLOPs per slice; on a GPU also the fraction of the dense bf16 peak (``utils.flops.peak_tflops``);
+  FLOPs per slice; on a GPU also the fraction of the dense bf16 peak (``utils.flops.peak_tflops``), on
+  the CPU the fraction of the fp32 matrix-multiply rate measured in the same run
+  (:func:`against_matmul`: how far kernel tuning could still go);
 * ``semi``: the UniMatch step against the supervised step on the same model: time and FLOP ratios;
 * ``inference``: seconds per 256x256x200 volume, one axial model and three fused views, without and
   with NIfTI read/write (on the CPU the fused views are timed on 57 slices and scaled to 200, see
-  :func:`run_inference`: the full measurement alone would take 5-10 minutes of two cores).
+  :func:`run_inference`: the full measurement alone would take 5-10 minutes of two cores); the model
+  FLOPs of each (three views over one axial is the least their time ratio can be at equal
+  efficiency) and, on the CPU, the axial call's rate against the matrix-multiply rate.
 
 Presets: on the CPU width 16, 128x128 training crops, batch 8 (+ 4 + 4 unlabeled), fp32; on CUDA width
 64, 224x224, bf16, channels_last (batch 32). ``--quick`` shrinks everything to a smoke test of a few
@@ -215,6 +219,8 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
         from bench.train_step import compare, run
 
         res = run(device=str(dev), **cfg["train"])
+        if not gpu:
+            res.update(against_matmul(res["achieved_tflops"] * 1e3))
         if cfg["train_compare"] is not None:
             res["old_vs_new"] = compare(device=str(dev), **cfg["train_compare"])
         return res
@@ -226,6 +232,8 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
 
     def inference() -> dict[str, Any]:
         res = run_inference(str(dev), **cfg["inference"])
+        if not gpu:
+            res.update(against_matmul(res["axial_gflop"] / res["axial_s"]))
         if cfg["inference_compare"] is not None:
             res["old_vs_new"] = compare_inference(str(dev), **cfg["inference_compare"])
         return res
@@ -245,6 +253,22 @@ def run_all(out: str | Path, quick: bool = False, device: str = "auto", threads:
     write_json_atomic(out / "bench.json", report)
     write_text_atomic(out / "bench.md", format_markdown(report))
     return report
+
+
+def against_matmul(achieved_gflops: float, threads: int | None = None) -> dict[str, float]:
+    """An achieved CPU rate next to this machine's fp32 matrix-multiply rate, measured now.
+
+    Args:
+        achieved_gflops: model GFLOP/s a section reached.
+        threads: threads of the matmul; None: torch's current count (the section's).
+
+    Returns:
+        ``matmul_gflops`` (:func:`bench.machine.matmul_gflops`) and ``frac_matmul`` (achieved / it).
+    """
+    from bench.machine import matmul_gflops
+
+    ref = matmul_gflops(threads)
+    return {"achieved_gflops": achieved_gflops, "matmul_gflops": ref, "frac_matmul": achieved_gflops / ref}
 
 
 def fused_sub_slices(shape: tuple[int, int, int], at_least: int) -> int:
@@ -305,6 +329,7 @@ def run_inference(device: str, shape: tuple[int, int, int], fused_slices: int | 
         "fused_measured_shape": list(sub), "fused_scale": scale, "fused_tile": 0,
         "fused_measured_s": fused["fused_s"], "fused_s": fused["fused_s"] * scale,
         "fused_cpu_s": fused["fused_cpu_s"] * scale, "fused_io_s": fused["fused_s"] * scale + io_overhead,
+        "fused_measured_gflop": fused["fused_gflop"], "fused_gflop": fused["fused_gflop"] * scale,
         "fused_peak_rss_mb": fused["fused_peak_rss_mb"],  # of the smaller volume (not scaled)
         "ru_maxrss_mb": max(res["ru_maxrss_mb"], fused["ru_maxrss_mb"]),
     })

@@ -70,6 +70,9 @@ def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) ->
                 (name, "forward FLOPs per slice", _f((r.get("fwd_flops_per_slice") or 0) / 1e9, ".2f", " G")),
             ]
             rows += _old_new_train_rows(r.get("old_vs_new"))
+            if r.get("matmul_gflops"):
+                rows.append((name, "achieved GFLOP/s (fraction of this run's fp32 matmul rate, same threads)",
+                             _against_matmul(r)))
             show_peak = r.get("peak_tflops") is not None if gpu is None else gpu
             if show_peak:
                 frac = r.get("frac_peak")
@@ -107,12 +110,25 @@ def summary_rows(results: dict[str, dict[str, Any]], gpu: bool | None = None) ->
                 rows.append((name, f"{label}, peak RSS above start, MB{on}",
                              _f(r.get(f"{cfg}_peak_rss_mb"), ".0f")))
         if name == "inference":
+            if r.get("axial_gflop") and r.get("fused_gflop"):
+                rows.append((name, "3 views fused / axial: model FLOPs; time",
+                             f"{_f(r['fused_gflop'] / r['axial_gflop'], '.2f', 'x')}; "
+                             f"{_f(r['fused_s'] / r['axial_s'], '.2f', 'x')}"))
+            if r.get("matmul_gflops"):
+                rows.append((name, "axial model, model GFLOP/s over the call (fraction of this run's fp32 "
+                             "matmul rate, same threads)", _against_matmul(r)))
             rows += _old_new_inference_rows(r.get("old_vs_new"))
         mem = f"{_f(r.get('section_peak_rss_mb'), '.0f')} MB RSS"
         if r.get("cuda_peak_mb") is not None:
             mem += f", {_f(r.get('cuda_peak_mb'), '.0f')} MB CUDA"
         rows.append((name, "section peak memory", mem))
     return rows
+
+
+def _against_matmul(r: dict[str, Any]) -> str:
+    frac = r.get("frac_matmul")
+    return (f"{_f(r.get('achieved_gflops'), '.1f')} ({_f(None if frac is None else 100 * frac, '.0f', '%')}"
+            f" of {_f(r.get('matmul_gflops'), '.0f')})")
 
 
 def _old_new_train_rows(c: dict[str, Any] | None) -> list[tuple[str, str, str]]:
