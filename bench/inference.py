@@ -221,7 +221,7 @@ def flops_per_pixel(model: Any, slices: int, side: int = 64) -> float:
 
     Every layer of MOSNet is a convolution, a pooling or an upsampling by a fixed factor, and the
     fusion's pooling is adaptive: for sides divisible by 16 the FLOPs grow exactly with the pixel
-    count (``tests/test_bench.py`` checks 64 x 64 against 256 x 256 and 96 x 160).
+    count (``tests/test_bench_compute.py`` checks 64 x 64 against 256 x 256 and 96 x 160).
     """
     import torch
 
@@ -235,8 +235,9 @@ def flops_per_pixel(model: Any, slices: int, side: int = 64) -> float:
 def _pixel_counter(models: list[Any]):
     """Count the input pixels (batch x height x width) of every forward pass of ``models``.
 
-    Yields a one-element list holding the running count; forward pre-hooks (a few microseconds per
-    pass, thread-safe under the GIL) are removed on exit.
+    Yields a one-element list holding the running count. The forward pre-hooks cost a few
+    microseconds per pass; a lock keeps the count right when worker threads run passes side by side
+    (``inference.window.predict_stack``). They are removed on exit.
     """
     count = [0]
     lock = threading.Lock()
