@@ -65,6 +65,27 @@ def truncated(path: Path, label: bool = False) -> Path:
     return path
 
 
+def plain_truncated(path: Path, label: bool = False) -> Path:
+    """Uncompressed NIfTI bytes under a ``.nii.gz`` name, cut to two thirds: readers go by the bytes,
+    so this reads as a plain file (ITK filled the missing slices with zeros, unnoticed)."""
+    data = gzip.decompress(_valid_bytes(path, label))
+    path.write_bytes(data[: 2 * len(data) // 3])
+    return path
+
+
+def qform_sform(path: Path, label: bool = False) -> Path:
+    """A NIfTI whose sform (what nibabel, FSL and most viewers use) lies 30 mm from its qform (what
+    ITK uses): a label map written from it would be 30 mm off in one of the two."""
+    image, lab = phantom_pair(SHAPE, seed=3)
+    img = nib.Nifti1Image((lab if label else image).transpose(2, 1, 0), None)
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 30.0
+    img.set_qform(AFFINE, 1)
+    img.set_sform(shifted, 2)
+    nib.save(img, str(path))
+    return path
+
+
 def zero_dim(path: Path, label: bool = False) -> Path:  # noqa: ARG001 -- same signature as the others
     """A MetaImage whose header declares 0 slices (written as ``<name>.mha``)."""
     out = path.with_name(path.name.split(".")[0] + ".mha")
@@ -130,7 +151,8 @@ def undeclared_label(path: Path, label: bool = True) -> Path:  # noqa: ARG001
 
 
 BREAKERS: dict[str, Callable[..., Path]] = {
-    "corrupt_gzip": corrupt_gzip, "truncated": truncated, "zero_dim": zero_dim,
+    "corrupt_gzip": corrupt_gzip, "truncated": truncated, "plain_truncated": plain_truncated,
+    "qform_sform": qform_sform, "zero_dim": zero_dim,
     "zero_dim_nifti": zero_dim_nifti, "4d": four_d, "nan": nan_voxels, "complex": complex_dtype,
     "rgb": rgb_vector,
 }
