@@ -34,6 +34,7 @@ from data.volume import (
     write_volume,
 )
 from utils.errors import InputError
+from utils.fileio import check_distinct_outputs
 
 DEFAULT_LABEL_DIRS = ("label", "labels", "labelsTr")
 # KiTS19 keeps segmentation.nii.gz next to imaging.nii.gz, so folder names alone miss it.
@@ -62,7 +63,8 @@ def plan_jobs(raw_dir: Path, out_dir: Path, label_dirs: Sequence[str] = DEFAULT_
     other files (``dataset.json``, ...) are copied; hidden files are skipped.
 
     Raises:
-        InputError: ``raw_dir`` missing or not a folder, ``out_dir`` equal to it, or no volume found.
+        InputError: ``raw_dir`` missing or not a folder, ``out_dir`` equal to it, no volume found, or
+            two inputs with one output (``a.mhd`` and ``a.mha``; ``case1/`` DICOM and ``case1.nii.gz``).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.exists():
@@ -104,6 +106,7 @@ def plan_jobs(raw_dir: Path, out_dir: Path, label_dirs: Sequence[str] = DEFAULT_
     if not any(j.kind != "copy" for j in jobs):
         raise InputError(raw_dir, f"no volumes found (looked for {', '.join(VOLUME_SUFFIXES)} files "
                          "and DICOM series folders)")
+    check_distinct_outputs((j.src, j.dst) for j in jobs)
     return jobs
 
 

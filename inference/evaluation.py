@@ -29,7 +29,7 @@ from data.config import Config, DatasetSpec
 from data.layout import case_key, index_by_key
 from data.volume import VOLUME_SUFFIXES, Volume, match_grid, read_volume, strip_volume_suffix
 from utils.errors import InputError
-from utils.fileio import write_json_atomic, write_text_atomic
+from utils.fileio import json_dumps, write_texts_atomic
 from utils.metrics import evaluate_case
 
 METRICS = ("dice", "hd95", "assd", "vol_pred_ml", "vol_gt_ml")
@@ -224,9 +224,21 @@ def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
 
 
 def list_volume_files(folder: Path) -> list[Path]:
-    """Volume files (NIfTI, MHA, NRRD) directly in ``folder``, sorted; hidden files skipped."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(VOLUME_SUFFIXES))
+    """Volume files (NIfTI, MHA, NRRD) directly in ``folder``, sorted; hidden files skipped.
+
+    Raises:
+        InputError: a volume name that is a dangling symbolic link (skipping it left a case out
+            without a word).
+    """
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.name.lower().endswith(VOLUME_SUFFIXES):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise InputError(p, "is a dangling symbolic link (its target does not exist)")
+        if p.is_file():
+            files.append(p)
+    return files
 
 
 @dataclass(frozen=True)
@@ -392,7 +404,7 @@ def write_report(out_csv: str | Path, rows: Sequence[dict[str, Any]], summary: d
                "notes": "distances in mm (HD95 = symmetric 95th percentile Hausdorff, ASSD = average "
                         "symmetric surface distance); null = not finite (organ missing in prediction "
                         "or ground truth); volumes in ml"}
-    write_text_atomic(out_csv, buf.getvalue())
-    write_json_atomic(json_path, _json_safe(payload))
+    # both files or neither: a failed write must not leave a new CSV beside the previous JSON
+    write_texts_atomic({out_csv: buf.getvalue(), json_path: json_dumps(_json_safe(payload))})
     return json_path
 

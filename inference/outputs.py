@@ -16,12 +16,14 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
     * a DICOM series folder -> ``output`` (``.nii.gz`` file), or ``output/<folder>.nii.gz``.
 
     Raises:
-        InputError: missing input, empty folder, output that would overwrite an input, or an output
-            name without a volume suffix or with ``.mhd`` (written as two files, not atomically).
+        InputError: missing input, empty folder, output that would overwrite an input, two inputs
+            with one output name (``a.mhd`` and ``a.mha``), or an output name without a volume suffix
+            or with ``.mhd`` (written as two files, not atomically).
     """
     from data.volume import VOLUME_SUFFIXES, output_name
     from data.volume_writer import MHD_OUTPUT
     from inference.evaluation import list_volume_files
+    from utils.fileio import check_distinct_outputs
 
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
@@ -49,7 +51,9 @@ def plan_outputs(input_path: str | Path, output_path: str | Path) -> list[tuple[
         raise InputError(dst, "input is a folder of volumes, so the output must be a folder")
     if dst.resolve() == src.resolve():
         raise InputError(dst, "output folder must differ from the input folder")
-    return [(f, dst / output_name(f.name)) for f in files]
+    jobs = [(f, dst / output_name(f.name)) for f in files]
+    check_distinct_outputs(jobs)
+    return jobs
 
 
 __all__ = ["plan_outputs"]

@@ -196,6 +196,24 @@ def test_full_disk_report_keeps_the_previous_report(tmp_path):
     assert _snapshot(tmp_path / "out") == before
 
 
+def test_full_disk_between_the_csv_and_the_json_keeps_both_previous_files(tmp_path):
+    """The report's CSV fits under the limit, its JSON does not: neither may be replaced (a new CSV
+    beside the previous JSON disagreed with it)."""
+    pred, gt = _evaluate_pair(tmp_path)
+    _valid_bytes(pred / "case_001.nii.gz", label=True)
+    _valid_bytes(gt / "case_001.nii.gz", label=True)
+    report = tmp_path / "out" / "r.csv"
+    assert run_script("evaluate.py", "--pred", pred, "--gt", gt, "--out", report).returncode == 0
+    one = ["evaluate.py", "--pred", pred / "case_000.nii.gz", "--gt", gt / "case_000.nii.gz"]
+    probe = tmp_path / "probe" / "r.csv"
+    assert run_script(*one, "--out", probe).returncode == 0
+    csv_size, json_size = probe.stat().st_size, probe.with_suffix(".json").stat().st_size
+    assert csv_size < json_size
+    before = _snapshot(tmp_path / "out")
+    _one_line(run_limited([*one, "--out", report], (csv_size + json_size) // 2), tmp_path / "out")
+    assert _snapshot(tmp_path / "out") == before
+
+
 @pytest.mark.slow
 def test_full_disk_png_keeps_the_previous_overlay(tmp_path):
     pred, gt = _evaluate_pair(tmp_path)

@@ -297,3 +297,25 @@ def test_tree_dicom_and_pool(tmp_path):
     assert a.array.shape == (3, 3, 4)
     lab = read_volume(out / "ds" / "labelsTr" / "ct2.nii.gz")
     assert set(np.unique(lab.array)) <= {0, 1}
+
+
+def test_plan_jobs_refuses_two_inputs_for_one_output(tmp_path):
+    """A DICOM series folder case1/ and a file case1.nii.gz both become case1.nii.gz; so do a.mhd and
+    a.mha: refused before any work instead of the second replacing the first."""
+    from data.resample_tree import plan_jobs
+    from data.volume import Geometry, Volume
+    from tests.helpers import write_dicom_series
+    from utils.errors import InputError
+
+    raw = tmp_path / "raw" / "labeled"
+    raw.mkdir(parents=True)
+    (raw / "a.mha").write_bytes(b"x")
+    (raw / "a.mhd").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"would be written to .*a\.mha"):
+        plan_jobs(tmp_path / "raw", tmp_path / "out")
+    (raw / "a.mhd").unlink()
+    write_dicom_series(raw / "case1", Volume(np.zeros((3, 8, 8), np.int16),
+                                             Geometry((3, 8, 8), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))))
+    (raw / "case1.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"would be written to .*case1\.nii\.gz"):
+        plan_jobs(tmp_path / "raw", tmp_path / "out")

@@ -396,6 +396,23 @@ def test_plan_outputs(tmp_path):
         plan_outputs(folder, folder)
 
 
+def test_plan_outputs_refuses_two_inputs_for_one_output_and_dangling_links(tmp_path):
+    """a.mhd and a.mha both become a.mha: the second replaced the first beside an input it does not
+    belong to. A dangling link among the inputs was skipped without a word."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.mha").write_bytes(b"x")
+    (folder / "a.mhd").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"would be written to .*a\.mha, as .*a\.mha is") as err:
+        plan_outputs(folder, tmp_path / "out")
+    assert err.value.path == str(folder / "a.mhd")
+    (folder / "a.mhd").unlink()
+    (folder / "d.nii.gz").symlink_to(folder / "nowhere.nii.gz")
+    with pytest.raises(InputError, match="dangling") as err:
+        plan_outputs(folder, tmp_path / "out")
+    assert err.value.path == str(folder / "d.nii.gz")
+
+
 # ----------------------------------------------------------------------------------------------
 # segment.py CLI
 

@@ -20,7 +20,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,20 +148,42 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically; the size is checked before the rename."""
-    data = text.encode("utf-8")
+    write_texts_atomic({target: text})
 
+
+def write_texts_atomic(texts: dict[str | os.PathLike, str]) -> None:
+    """Write several UTF-8 text files that belong together (a report's CSV and JSON).
+
+    Every file is written in full before any is renamed into place, so a full disk or a file-size
+    limit while writing leaves all of the previous files as they were (before, a failed JSON left a
+    new CSV beside the old JSON). Each file's size is checked before the renames.
+    """
+    with contextlib.ExitStack() as stack:
+        for target, text in texts.items():
+            data = text.encode("utf-8")
+            # entered in order, left in reverse: every write happens before the first rename, and a
+            # failed write reaches every open context (each removes its temporary file)
+            tmp = stack.enter_context(atomic_path(target, verify=_size_check(target, len(data)),
+                                                  allow_empty=not data))
+            tmp.write_bytes(data)
+
+
+def _size_check(target: str | os.PathLike, n: int) -> Callable[[Path], None]:
     def same_size(tmp: Path) -> None:
-        if tmp.stat().st_size != len(data):
-            raise InputError(target, f"cannot write output (short write: {tmp.stat().st_size} of "
-                             f"{len(data)} bytes); the previous file, if any, is unchanged")
+        if tmp.stat().st_size != n:
+            raise InputError(target, f"cannot write output (short write: {tmp.stat().st_size} of {n} "
+                             "bytes); the previous file, if any, is unchanged")
+    return same_size
 
-    with atomic_path(target, verify=same_size, allow_empty=not data) as tmp:
-        tmp.write_bytes(data)
+
+def json_dumps(obj: Any) -> str:
+    """``obj`` as the indented JSON text every JSON file of UniMOS holds."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``target`` atomically (the one JSON writer of UniMOS)."""
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(target, json_dumps(obj))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +254,27 @@ def clean_stale_parts(folder: str | os.PathLike, recursive: bool = True) -> list
                     p.unlink()
                 removed.append(p)
     return removed
+
+
+def check_distinct_outputs(jobs: Iterable[tuple[Path, Path]]) -> None:
+    """Refuse two inputs that would be written to one output file.
+
+    ``a.mhd`` and ``a.mha`` both become ``a.mha``, a DICOM series folder ``case1/`` and a file
+    ``case1.nii.gz`` both become ``case1.nii.gz``: the second output silently replaced the first,
+    and the survivor sat beside an input it does not belong to. Checked before any work.
+
+    Args:
+        jobs: ``(input, output)`` pairs.
+
+    Raises:
+        InputError: naming the second input, the output and the first input.
+    """
+    seen: dict[Path, Path] = {}
+    for src, dst in jobs:
+        key = Path(os.path.abspath(dst))
+        if key in seen:
+            raise InputError(src, f"would be written to {dst}, as {seen[key]} is: rename one of them")
+        seen[key] = src
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder", keep: bool = False) -> Path:
