@@ -138,3 +138,16 @@ def test_slice_axis_from_direction():
     assert slice_axis_index(Geometry((5, 6, 7), (1, 1, 1), (0, 0, 0), d)) == 0
     assert slice_axis_index(Geometry((5, 6, 7), (1, 1, 1), (0, 0, 0))) == 2
     assert Orientation((0, 1, 2), (False, False, False)).is_identity
+
+
+def test_same_grid_tolerates_header_rounding_not_shifts_far_from_the_world_origin():
+    """Origins match within a hundredth of a voxel (plus float32 header rounding), wherever the grid
+    lies: a tolerance relative to the position let grids 1e6 mm out match 50 mm apart."""
+    def geo(origin_z: float) -> Geometry:
+        return Geometry((4, 8, 8), (1.5, 1.5, 3.0), (0.0, 0.0, origin_z))
+
+    assert geo(-1500.0).same_grid(geo(-1500.0 + 1e-3))
+    assert geo(-1500.123456).same_grid(geo(float(np.float32(-1500.123456))))  # a float32 header
+    assert not geo(-1500.0).same_grid(geo(-1500.14))
+    assert not geo(1e6).same_grid(geo(1e6 + 50.0))
+    assert not geo(0.0).same_grid(geo(0.05))
