@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from utils.errors import HelpFormatter, OneLineParser, run_cli
+from utils.errors import HelpFormatter, OneLineParser, naming, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices per forward pass (default: 1 on a CPU, one pass per core side by side; "
                         "16 on a GPU)")
     p.add_argument("--tile", type=int, default=None,
-                   help="in-plane sliding-window size (0 or a multiple of 16); 0 = whole slices; default: "
-                        "whole slices up to the area of a square of twice the training block, tiles of "
-                        "the block beyond")
+                   help="in-plane sliding-window size (0, or a multiple of 16 from 32 up); 0 = whole "
+                        "slices; default: whole slices up to the area of a square of twice the training "
+                        "block, tiles of the block beyond")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: largest per organ, kidneys 2)")
@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     for src, dst in jobs:
         t0 = time.perf_counter()
         volume = preloaded.pop(src) if src in preloaded else read_volume(src)
-        seg = segment_volume(models, volume, batch=args.batch, tta=args.tta,
-                             postprocess=not args.no_postprocess, device=device,
-                             amp=False if args.no_amp else None, progress=args.progress, tile=args.tile)
+        with naming(src):
+            seg = segment_volume(models, volume, batch=args.batch, tta=args.tta,
+                                 postprocess=not args.no_postprocess, device=device,
+                                 amp=False if args.no_amp else None, progress=args.progress, tile=args.tile)
         write_volume(seg, dst)
         print(f"{src} -> {dst} ({time.perf_counter() - t0:.1f} s)", flush=True)
         gt_classes = None

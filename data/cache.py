@@ -34,7 +34,7 @@ from data.config import IGNORE_INDEX, Config
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
 from data.volume import VIEWS, Geometry, Volume, match_grid, read_volume
-from utils.errors import InputError
+from utils.errors import InputError, naming
 from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
 CACHE_VERSION = 2  # 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
@@ -227,8 +227,9 @@ def _build_entry(case: Case, config: Config, key_inputs: dict[str, Any], target:
             raise InputError(case.label, f"label grid ({label_vol.geometry.describe()}) does not match "
                              f"image {case.image} ({image_vol.geometry.describe()})")
         label_vol = matched
-    canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False,
-                                           spacing_mm=config.inplane_spacing)
+    with naming(case.image):
+        canon, orientation = prepare_canonical(image_vol, config.inplane_size, is_label=False,
+                                               spacing_mm=config.inplane_spacing)
     image = window_hu(canon.array, config.hu_window)
     meta: dict[str, Any] = {
         "format": "unimos-cache",

@@ -27,6 +27,7 @@ import numpy as np
 
 from data.resample import resample_inplane
 from data.volume import Geometry, Volume
+from utils.errors import InputError
 
 AIR_HU = -1024.0  # what padding adds to an image (windowed: the lower end of any HU window)
 LABEL_PAD = 0  # what padding adds to a label map: background
@@ -77,6 +78,23 @@ class InplanePlan:
         return array[..., t:array.shape[-2] - b, lft:array.shape[-1] - r]
 
 
+# The in-plane steps never need slices much larger than both the input's and the grid's: ~64x more is
+# a header's spacing in the wrong unit (1e6 mm pixels), whose padding or resampling would ask for
+# terabytes before failing with an allocation error.
+MAX_SLICE_GROWTH = 64
+
+
+def _check_size(plan: InplanePlan, grid_pixels: int) -> InplanePlan:
+    limit = MAX_SLICE_GROWTH * max(plan.source[0] * plan.source[1], grid_pixels)
+    for what, (r, c) in (("padded", plan.padded), ("resampled", plan.resized)):
+        if r * c > limit:
+            src_r, src_c = plan.source
+            raise InputError(None, f"in-plane {what} slices would be {r} x {c} pixels from {src_r} x "
+                             f"{src_c} (more than {MAX_SLICE_GROWTH}x the input and the grid): check the "
+                             "voxel spacing in the header")
+    return plan
+
+
 def _split(total: int) -> tuple[int, int]:
     # Centred; an odd voxel goes after (the same rule for padding and cropping).
     before = int(np.trunc(total / 2))
@@ -98,6 +116,11 @@ def plan_inplane(shape: Sequence[int], spacing: Sequence[float], grid: Sequence[
 
     Returns:
         The :class:`InplanePlan`.
+
+    Raises:
+        ValueError: empty shape or grid, non-positive spacing.
+        InputError: (without a file; see ``utils.errors.naming``) slices more than
+            :data:`MAX_SLICE_GROWTH` times the input's and the grid's pixels.
     """
     n_p, n_l = int(shape[-2]), int(shape[-1])
     s_x, s_y = float(spacing[0]), float(spacing[1])
@@ -112,7 +135,8 @@ def plan_inplane(shape: Sequence[int], spacing: Sequence[float], grid: Sequence[
         want_c = max(fov_c, fov_r * cols / rows)
         pad_r = max(0, int(round((want_r - fov_r) / s_y)))
         pad_c = max(0, int(round((want_c - fov_c) / s_x)))
-        return InplanePlan((n_p, n_l), (_split(pad_r), _split(pad_c)), (rows, cols), none)
+        return _check_size(InplanePlan((n_p, n_l), (_split(pad_r), _split(pad_c)), (rows, cols), none),
+                           rows * cols)
     if not spacing_mm > 0:
         raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
     m_r = max(1, int(round(n_p * s_y / spacing_mm)))
@@ -120,7 +144,7 @@ def plan_inplane(shape: Sequence[int], spacing: Sequence[float], grid: Sequence[
     d_r, d_c = rows - m_r, cols - m_c
     if not allow_crop:
         d_r, d_c = max(0, d_r), max(0, d_c)
-    return InplanePlan((n_p, n_l), none, (m_r, m_c), (_split(d_r), _split(d_c)))
+    return _check_size(InplanePlan((n_p, n_l), none, (m_r, m_c), (_split(d_r), _split(d_c))), rows * cols)
 
 
 def _pad_volume(volume: Volume, pads: Pads, value: float) -> Volume:

@@ -33,7 +33,7 @@ from data.volume import (
     to_storage,
     write_volume,
 )
-from utils.errors import InputError
+from utils.errors import InputError, naming
 from utils.fileio import check_distinct_outputs
 
 DEFAULT_LABEL_DIRS = ("label", "labels", "labelsTr")
@@ -199,7 +199,8 @@ def run_job(job: Job, size: tuple[int, int], spacing_mm: float | None = None) ->
         write_stamp(job.dst, job.src, _settings(job, size))
         return f"copied {job.dst}"
     vol = read_volume(job.src)
-    out = resample_to_grid(vol, size, is_label=job.kind == "label", spacing_mm=spacing_mm)
+    with naming(job.src):
+        out = resample_to_grid(vol, size, is_label=job.kind == "label", spacing_mm=spacing_mm)
     write_volume(out, job.dst)
     write_stamp(job.dst, job.src, _settings(job, size, spacing_mm))
     sa = "ijk"[slice_axis_index(vol.geometry)]

@@ -38,8 +38,11 @@ def window_starts(size: int, tile: int, stride: int) -> list[int]:
 
 def tile_size(size: int, block: int) -> int:
     """The tile length used along an axis of length ``size``: ``block`` when the axis is longer,
-    else ``size`` rounded up to a multiple of 16 (the whole axis in one, padded, tile)."""
-    block = max(DIVISOR, block - block % DIVISOR)
+    else ``size`` rounded up to a multiple of 16 (the whole axis in one, padded, tile).
+
+    Tiles are at least 32: a 16-pixel tile leaves the network's 1/16 scale one pixel, where
+    instance normalisation has nothing to normalise (PyTorch refuses it at batch 1)."""
+    block = max(2 * DIVISOR, block - block % DIVISOR)
     if size > block:
         return block
     return int(math.ceil(size / DIVISOR) * DIVISOR)

@@ -117,6 +117,30 @@ def test_input_error_pickles_and_survives_the_dataloader_reraise():
     assert str(wrapped) == "/x/a.nii.gz: is 4D"
 
 
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError(
+    "Exception thrown in SimpleITK Image_Allocate: Failed to allocate memory for image.")])
+def test_out_of_memory_is_one_line_exit_2(exc, capsys):
+    from utils.errors import run_cli
+
+    def main(argv):
+        raise exc
+
+    with pytest.raises(SystemExit) as code:
+        run_cli(main, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code.value.code == 2 and len(err) == 1 and err[0].startswith("error: out of memory"), err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(capsys):
+    from utils.errors import run_cli
+
+    def main(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(main, [])
+
+
 def test_resample_worker_error_is_one_line(tmp_path):
     raw = _raw_tree(tmp_path)
     bad = BREAKERS["4d"](raw / "MSDSpleen" / "labeled" / "case_009.nii.gz")
@@ -565,3 +589,33 @@ def test_diverging_training_is_one_line_and_keeps_the_checkpoints(tiny_data, tmp
 
     # saved at the end of the epoch before the NaN step
     assert load_checkpoint(out / "resu_last_axial.pth.tar")["step"] == step
+
+
+def test_resample_refuses_a_grid_from_a_spacing_in_the_wrong_unit(tmp_path):
+    """1e6 mm voxels resampled to 3 mm: a 2e7 x 2e7 slice; one line naming the file, exit 2."""
+    raw = tmp_path / "raw"
+    vol = _volume()
+    huge = Volume(vol.array, Geometry(vol.geometry.shape, (1e6, 1e6, 1e6), (0.0, 0.0, 0.0)))
+    write_volume(huge, raw / "x.nii.gz")
+    proc = run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out", "-s1", "32", "-s2", "32",
+                      "--spacing", "3")
+    _one_line(proc, raw / "x.nii.gz")
+    assert f"{raw / 'x.nii.gz'}: in-plane resampled slices would be" in proc.stderr
+    assert not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]
+
+
+def test_closed_stdout_pipe_is_one_line_not_a_traceback(tmp_path):
+    """`resample.py ... | head -1`: the reader goes away; no BrokenPipeError traceback, exit 2, and
+    what was written is complete (a rerun continues)."""
+    raw = _raw_tree(tmp_path, n=3)
+    code = (f"cd {REPO} && {sys.executable} resample.py -p1 {raw} -p2 {tmp_path / 'out'} -s1 16 -s2 16 "
+            "--workers 1 | head -c 1 > /dev/null; exit ${PIPESTATUS[0]}")
+    proc = subprocess.run(["bash", "-c", code], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode != 0:  # the pipe closed before the run ended (it usually does)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            "error: <stdout>: the output pipe was closed; stopped (every file written so far is complete, "
+            "a rerun continues)"], proc.stderr
+    assert not _parts(tmp_path / "out")
+    rerun = run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out", "-s1", "16", "-s2", "16")
+    assert rerun.returncode == 0, rerun.stderr

@@ -226,3 +226,18 @@ def test_resample_to_grid_non_square_grid_goes_to_the_canonical_axes(transposed)
     assert back.array.shape == (9, 10, 15)
     np.testing.assert_allclose(back.geometry.spacing, (2.0, 2.0, 2.0))
     np.testing.assert_array_equal(back.array, labels[:, 1::2, 1::2])
+
+
+@pytest.mark.parametrize("spacing_mm", [None, 3.0])
+def test_plan_refuses_slices_far_larger_than_input_and_grid(spacing_mm):
+    """A header's spacing in the wrong unit (1e6 mm pixels) asked SimpleITK for a 2e7 x 2e7 slice and
+    ended in an allocation traceback; the plan now refuses it (the caller names the file)."""
+    from utils.errors import InputError
+
+    big = (1e6, 1.0, 1.0) if spacing_mm is None else (1e6, 1e6, 1.0)  # pad mode: a very long side
+    with pytest.raises(InputError, match="check the voxel spacing") as err:
+        plan_inplane((64, 64), big, (32, 32), spacing_mm=spacing_mm)
+    assert err.value.path is None
+    # legitimate extremes pass: a 0.5 mm grid from 5 mm pixels, a 1:8 field of view padded square
+    plan_inplane((64, 64), (5.0, 5.0, 1.0), (256, 256), spacing_mm=0.5)
+    plan_inplane((64, 512), (1.0, 1.0, 1.0), (256, 256))

@@ -109,6 +109,7 @@ SPECIAL = [
     ("Final", ["--blocksize", "40"], "--blocksize"),
     ("Final", ["--resume", "/nonexistent/ckpt.pth.tar"], "/nonexistent/ckpt.pth.tar"),
     ("segment", ["--tile", "20"], "--tile"),
+    ("segment", ["--tile", "16"], "--tile"),  # the 1/16 scale would be one pixel
     ("segment", ["--device", "tpu"], "--device"),
     ("segment", ["--evaluating"], "--evaluating"),
     ("synth", ["--datasets", "LiTS,LiTS"], "--datasets"),

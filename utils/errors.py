@@ -7,10 +7,11 @@ foreign checkpoint ends with ``error: <file>: <problem>`` on stderr instead of a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
 
@@ -41,6 +42,18 @@ class InputError(Exception):
         # fails for two positional arguments: an InputError raised in a process-pool worker then
         # surfaced as BrokenProcessPool with a traceback instead of the one-line message.
         return (type(self), (self.path, self.problem))
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an :class:`InputError` raised without a file (by code that only sees arrays and
+    geometry) the file being worked on."""
+    try:
+        yield
+    except InputError as err:
+        if err.path is not None:
+            raise
+        raise InputError(path, err.problem) from None
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -84,6 +97,24 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except MemoryError:
+        print("error: out of memory (a volume or grid too large for this machine; check the voxel "
+              "spacing in its header and the grid flags)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except RuntimeError as err:
+        if "Failed to allocate memory" not in str(err):  # SimpleITK's MemoryError
+            raise
+        print("error: out of memory (SimpleITK could not allocate an image; check the voxel spacing in "
+              "the header and the grid flags)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except BrokenPipeError:
+        # whoever read our output went away (``| head``): stop as other command-line tools do, without
+        # a traceback; stdout goes to /dev/null so that the interpreter's final flush cannot fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print("error: <stdout>: the output pipe was closed; stopped (every file written so far is "
+              "complete, a rerun continues)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     except BrokenProcessPool:
         # a pool worker (resampling, cache building, phantoms) was killed or ran out of memory: what
         # it was writing is a temporary file that the next run cleans up

@@ -301,8 +301,10 @@ def validate_segment_args(args: Any) -> None:
         InputError: naming the flag.
     """
     check_ranges(args, SEGMENT_RANGES)
-    if args.tile and args.tile % 16:
-        raise InputError("--tile", f"must be 0 or a multiple of 16, got {args.tile}")
+    if args.tile and (args.tile % 16 or args.tile < 32):
+        # 16 leaves the network's bottleneck (1/16 scale) 1 x 1 pixel, where instance norm is undefined
+        raise InputError("--tile", f"must be 0 (whole slices) or a multiple of 16 from 32 up, got "
+                         f"{args.tile}")
     check_device("--device", args.device)
     if args.evaluating and not args.label_filename:
         raise InputError("--evaluating", "needs --label-filename")
