@@ -9,6 +9,7 @@ NaN pixdim from the header's own bytes), NIfTI-2 (which SimpleITK cannot read), 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,10 @@ def read_image_sitk(path: str | Path):
     except Exception as err:  # SimpleITK raises RuntimeError with a multi-line ITK dump
         first = str(err).strip().splitlines()
         reason = next((ln.strip() for ln in first if "rror" in ln or "annot" in ln), "")
+        # "ITK ERROR: MetaImageIO(0x55d0c8a1b2c0): ..." -> "MetaImageIO: ..." (no object address)
+        reason = re.sub(r"\(0x[0-9a-fA-F]+\)", "", reason.replace("ITK ERROR: ", ""))
+        if path.is_file() and _is_gzip(path) and not path.name.lower().endswith(".gz"):
+            reason = f"(the file is gzip-compressed: name it {path.name}.gz) {reason}"
         raise InputError(path, f"cannot read volume (corrupt or not a supported format) {reason}"
                          .rstrip()) from None
     sitk = _sitk()

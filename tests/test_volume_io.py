@@ -151,3 +151,20 @@ def test_same_grid_tolerates_header_rounding_not_shifts_far_from_the_world_origi
     assert not geo(-1500.0).same_grid(geo(-1500.14))
     assert not geo(1e6).same_grid(geo(1e6 + 50.0))
     assert not geo(0.0).same_grid(geo(0.05))
+
+
+def test_read_error_names_a_gzip_file_without_gz_and_hides_object_addresses(tmp_path):
+    import gzip
+
+    vol = read_volume(random_volume(tmp_path, "ok.nii.gz"))
+    write_volume(vol, tmp_path / "ok.nii")
+    wrong = tmp_path / "gz_named_plain.nii"
+    wrong.write_bytes(gzip.compress((tmp_path / "ok.nii").read_bytes()))
+    with pytest.raises(InputError, match=r"the file is gzip-compressed: name it gz_named_plain\.nii\.gz"):
+        read_volume(wrong)
+    bad = tmp_path / "cut.mha"
+    write_volume(vol, bad)
+    bad.write_bytes(bad.read_bytes()[:-50])
+    with pytest.raises(InputError) as err:
+        read_volume(bad)
+    assert "0x" not in str(err.value) and "ITK ERROR" not in str(err.value)
