@@ -27,7 +27,14 @@ log = logging.getLogger("unimos")
 # with it the learning-rate schedule, the threshold milestones and the semi-supervised warm-up.
 RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "mix", "lr", "schedule",
                "flip", "weak_rot90", "intensity_jitter", "fg_prob", "blocksize", "epochs", "semi_warmup",
-               "semi_rampup", "organ_threshold", "ema_momentum", "threshold", "cutmix_pairs")
+               "semi_rampup", "organ_threshold", "ema_momentum", "threshold", "cutmix_pairs",
+               # what each step optimises and with which data (a reviewer found these changed silently)
+               "datasets", "loss", "class_weights", "dice_weight", "semi", "teacher", "pseudo",
+               "unsup_class_weights", "semi_weights", "semi_divisor", "fp", "momentum", "weight_decay",
+               "warmup_steps", "lr_decay", "lr_decay_every", "clip_grad")
+# What the network's input means: a checkpoint trained on one HU window or in-plane grid would be
+# continued (and then served by segment.py) on another, its first steps on inputs it never saw.
+PREPROCESSING = {"hu_window": "--hu-window", "inplane_size": "--inplane", "inplane_spacing": "--spacing"}
 # What a checkpoint written before an option existed (or changed its default) ran with
 LEGACY_ARGS = {"cutmix_pairs": "index"}
 
@@ -73,6 +80,34 @@ def load_states(ckpt: TrainingCheckpoint, path: Path, net: Network, semi: SemiPa
         raise InputError(path, f"checkpoint state does not fit this run ({reason(err)})") from None
 
 
+def check_preprocessing(path: Path, stored: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose preprocessing (HU window, in-plane grid or spacing) differs from the
+    checkpoint's config.
+
+    Raises:
+        InputError: naming the checkpoint, the setting and both values.
+    """
+    if not stored:
+        return
+    for key, flag in PREPROCESSING.items():
+        if key in stored and stored[key] != current.get(key):
+            raise InputError(path, f"the checkpoint was trained with {key} {stored[key]}, this run asks "
+                             f"for {current.get(key)} ({flag} or the config): resume with the checkpoint's "
+                             "value, or start a new run")
+
+
+def check_progress(path: Path, step: int, total_steps: int, opts: TrainOptions) -> None:
+    """Refuse a checkpoint that is already past the steps this command trains.
+
+    Raises:
+        InputError: naming the checkpoint and both step counts.
+    """
+    if step > total_steps:
+        raise InputError(path, f"the checkpoint is at step {step}, past the {total_steps} steps of this "
+                         f"command (--epochs {opts.epochs} x --steps-per-epoch {opts.steps_per_epoch}); "
+                         "resume with the checkpoint's --epochs or more")
+
+
 def changed_settings(old_args: dict[str, Any], opts: TrainOptions, world: int) -> list[str]:
     """``RESUME_ARGS`` (and the world size) whose values differ from the checkpoint's run."""
     def plain(v: Any) -> Any:
@@ -87,13 +122,19 @@ def changed_settings(old_args: dict[str, Any], opts: TrainOptions, world: int) -
     return changed
 
 
-def restore(path: Path, opts: TrainOptions, organs: list[str], net: Network, semi: SemiParts | None,
-            dist: DistInfo) -> TrainingCheckpoint:
-    """Check and load ``path`` into the run's objects (see :func:`load_for_resume`, :func:`load_states`).
+def restore(path: Path, opts: TrainOptions, config: dict[str, Any], net: Network, semi: SemiParts | None,
+            dist: DistInfo, total_steps: int) -> TrainingCheckpoint:
+    """Check and load ``path`` into the run's objects (see :func:`load_for_resume`, :func:`load_states`,
+    :func:`check_preprocessing`, :func:`check_progress`).
+
+    Args:
+        config: this run's config as ``data.config.config_to_dict`` gives it.
 
     Logs the settings that differ from the checkpoint's run. Returns the checkpoint.
     """
-    ckpt = load_for_resume(path, opts, organs, net.model_args)
+    ckpt = load_for_resume(path, opts, list(config["organs"]), net.model_args)
+    check_preprocessing(path, ckpt.config, config)
+    check_progress(path, int(ckpt.step), total_steps, opts)
     load_states(ckpt, path, net, semi)
     if semi is not None and semi.teacher is not None:
         # the teacher's state carries its momentum; the command line's applies (the same value in an

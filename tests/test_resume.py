@@ -250,3 +250,43 @@ def test_checkpoints_from_before_dataset_pairing_say_they_paired_by_index():
     assert changed_settings({"batchsize": opts.batchsize}, opts, 1) == ["--cutmix-pairs index -> dataset"]
     assert changed_settings({"cutmix_pairs": "dataset"}, opts, 1) == []
     assert changed_settings({}, TrainOptions(cutmix_pairs="index"), 1) == []
+
+
+def test_resume_refuses_other_preprocessing_and_a_checkpoint_past_the_end(tiny_data, tiny_runs, tmp_path):
+    """The HU window and the in-plane grid are what the network's input means: a resume that changes
+    them is refused (it was recorded as the whole run's setting, and segment.py then used it). A
+    checkpoint at step 4 resumed with 1 epoch of 2 steps is refused too (it exited 0, "step 4 of 2")."""
+    import shutil
+
+    shutil.copy(tiny_runs["sup"] / LAST, tmp_path / LAST)
+    with pytest.raises(InputError, match=r"trained with hu_window \[-200\.0, 200\.0\].*--hu-window"):
+        fit(train_options(tiny_data, tmp_path, semi=False, resume="auto", hu_window=(-1000.0, 1000.0)))
+    with pytest.raises(InputError, match=r"at step 4, past the 2 steps of this command"):
+        fit(train_options(tiny_data, tmp_path, semi=False, resume="auto", epochs=1))
+
+
+def test_resume_of_a_finished_run_keeps_its_summary_and_notes_other_changes(tiny_data, tiny_runs, tmp_path,
+                                                                           capsys):
+    """Final.sh always passes --resume auto: resubmitting a finished job ("nothing to do") rewrote
+    train_summary with empty validation scores. And the loss, the datasets, the optimizer's settings
+    are now noted when they change."""
+    import json
+    import shutil
+
+    from engine.options import TrainOptions
+    from engine.resume import changed_settings
+
+    for f in (LAST, "train_summary_axial.json", "history_axial.csv"):
+        shutil.copy(tiny_runs["sup"] / f, tmp_path / f)
+    before = json.loads((tmp_path / "train_summary_axial.json").read_text())
+    assert before["validation"] and before["steps"] == 4
+    fit(train_options(tiny_data, tmp_path, semi=False, resume="auto"))
+    assert "nothing to do" in capsys.readouterr().out
+    after = json.loads((tmp_path / "train_summary_axial.json").read_text())
+    assert after["validation"] == before["validation"]
+    old = TrainOptions().to_dict()
+    new = TrainOptions(loss="naive", datasets="LiTS,KiTS", weight_decay=1e-4, warmup_steps=10)
+    notes = changed_settings(old, new, 1)
+    for part in ("--loss tal -> naive", "--datasets None -> LiTS,KiTS", "--weight-decay 0.0 -> 0.0001",
+                 "--warmup-steps 0 -> 10"):
+        assert part in notes, notes
