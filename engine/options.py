@@ -16,6 +16,14 @@ from typing import Any
 from utils.errors import InputError
 
 
+def phase_steps(value: float, epochs: int, steps_per_epoch: int) -> int:
+    """A phase length in steps: ``value`` is a fraction of training (< 1) or a number of epochs (>= 1)."""
+    value = float(value)
+    if value < 1:
+        return int(round(value * epochs * steps_per_epoch))
+    return int(round(value * steps_per_epoch))
+
+
 @dataclass
 class TrainOptions:
     """One view's training run (``Final.py``'s options, same names and defaults)."""
@@ -116,10 +124,7 @@ class TrainOptions:
 
     def phase_steps(self, value: float) -> int:
         """``--semi-warmup`` / ``--semi-rampup`` in steps: a fraction of training (< 1) or epochs (>= 1)."""
-        value = float(value)
-        if value < 1:
-            return int(round(value * self.epochs * self.steps_per_epoch))
-        return int(round(value * self.steps_per_epoch))
+        return phase_steps(value, self.epochs, self.steps_per_epoch)
 
     @property
     def progress_bars(self) -> bool:

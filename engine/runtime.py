@@ -101,6 +101,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             raise InputError(None, f"--device {name} was asked for but no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(None, f"--device {name} was asked for but this PyTorch has no usable MPS device")
     return dev
 
 

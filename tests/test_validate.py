@@ -94,6 +94,9 @@ def _flag_cases() -> list:
 
 SPECIAL = [
     ("Final", ["--hu-window", "200", "-200"], "--hu-window"),
+    # the schedule's warm-up never ends; the semi-supervised phase would start after the last step
+    ("Final", ["--epochs", "2", "--steps-per-epoch", "3", "--warmup-steps", "6"], "--warmup-steps"),
+    ("Final", ["--epochs", "2", "--semi", "--semi-warmup", "2"], "--semi-warmup"),
     ("Final", ["--blocks", "1,1,1,1,1"], "--blocks"),
     ("Final", ["--blocks", "x"], "--blocks"),
     ("Final", ["--blocks", "0"], "--blocks"),
@@ -311,3 +314,29 @@ def test_preflight_refuses_a_foreign_resume_checkpoint_before_any_data(tmp_path)
     with pytest.raises(InputError, match="not a UniMOS checkpoint"):
         preflight_final(args)
     assert not (tmp_path / "data" / ".unimos_cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_preflight_refuses_a_block_larger_than_the_grid(tmp_path):
+    from utils.validate import preflight_final
+
+    parser = _parser("Final")
+    args = parser.parse_args(_base("Final", tmp_path) + ["--blocksize", "64", "--inplane", "32", "32"])
+    with pytest.raises(InputError, match=r"--blocksize: 64 is larger than the in-plane grid 32 x 32"):
+        preflight_final(args)
+    config = tmp_path / "tiny.yaml"  # a config grid the --inplane flag would refuse
+    config.write_text("organs: [liver]\ndatasets:\n  A:\n    labels: {1: liver}\ninplane_size: [1, 300]\n")
+    args = parser.parse_args(_base("Final", tmp_path) + ["--config", str(config), "--blocksize", "32"])
+    with pytest.raises(InputError, match=r"tiny.yaml: in-plane grid 1 x 300 is below 16"):
+        preflight_final(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_mps_without_mps_is_one_line():
+    import torch
+
+    from engine.runtime import resolve_device
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    with pytest.raises(InputError, match="--device mps was asked for"):
+        resolve_device("mps")

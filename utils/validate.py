@@ -188,6 +188,17 @@ def validate_final_args(args: Any) -> None:
         raise InputError("--unsup-class-weights", "organ weight must be > 0")
     if sum(args.semi_weights) <= 0:
         raise InputError("--semi-weights", "at least one weight must be > 0")
+    total = args.epochs * args.steps_per_epoch
+    if args.warmup_steps >= total:
+        raise InputError("--warmup-steps", f"{args.warmup_steps} is not below the {total} steps of training "
+                         "(--epochs x --steps-per-epoch): the learning rate would never reach --lr")
+    from engine.options import phase_steps
+
+    semi_from = phase_steps(args.semi_warmup, args.epochs, args.steps_per_epoch)
+    if args.semi is True and semi_from >= total:
+        raise InputError("--semi-warmup", f"{args.semi_warmup:g} starts the semi-supervised phase at step "
+                         f"{semi_from}, after the last of {total} steps: --semi would train nothing "
+                         "semi-supervised (shorten the warm-up or drop --semi)")
     if args.blocks is not None:
         args.blocks = ",".join(str(b) for b in parse_blocks(args.blocks))
     if args.threshold.strip().lower() != "schedule":
@@ -227,6 +238,13 @@ def preflight_final(args: Any) -> None:
     from utils.fileio import check_writable, clean_stale_parts
 
     config = load_config(args.config)
+    grid = tuple(args.inplane) if args.inplane else tuple(config.inplane_size)
+    if min(grid) < 16:  # as --inplane: a [1, 300] grid from the config trained and validated nothing
+        raise InputError(config.source if not args.inplane else "--inplane",
+                         f"in-plane grid {grid[0]} x {grid[1]} is below 16 pixels on a side")
+    if args.blocksize > max(grid):
+        raise InputError("--blocksize", f"{args.blocksize} is larger than the in-plane grid {grid[0]} x "
+                         f"{grid[1]}: every training crop would be mostly padding")
     if args.datasets is not None:
         known = [d.name for d in config.datasets]
         unknown = [n.strip() for n in args.datasets.split(",") if n.strip() not in known]
