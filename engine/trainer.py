@@ -75,7 +75,8 @@ def fit(opts: TrainOptions) -> dict[str, Any]:
 
     Returns:
         Summary: ``view, steps, total_steps, stop ("done" | "time budget" | "preempted"), best_score,
-        validation (last scores), seconds, semi, device, world, rank``.
+        validation (last scores), seconds, semi, semi_from_step (the first semi-supervised step), device,
+        world, rank``.
 
     Raises:
         InputError: bad data, config, device or checkpoint.
@@ -138,6 +139,12 @@ class Trainer:
             tensorboard_writer_class()  # fail now, not after the data is cached
         data = prepare_data(opts, self.config, dist)
         self.volumes, self.semi = data.volumes, data.semi
+        if self.semi and self.semi_from >= self.total_steps:
+            # said out loud (an explicit --semi with such a warm-up is refused with the flags): the
+            # summary's "semi": true alone read as a run that took semi-supervised steps
+            log.info(f"note: --semi-warmup {opts.semi_warmup:g} starts the semi-supervised phase at step "
+                     f"{self.semi_from}, after the last of {self.total_steps} steps: no unsupervised loss "
+                     "is trained (the EMA teacher still follows the student and is validated)")
         # all built from the plain network, before DDP wraps it
         self.net = build_network(opts, self.config, self.device, self.amp_dtype)
         self.semi_parts = build_semi(opts, self.net.model) if self.semi else None
@@ -151,9 +158,11 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Continue from the training checkpoint at ``path`` (see engine/resume.py)."""
+        from data.config import config_to_dict
         from engine.resume import restore
 
-        ckpt = restore(path, self.opts, list(self.config.organs), self.net, self.semi_parts, self.dist)
+        ckpt = restore(path, self.opts, config_to_dict(self.config), self.net, self.semi_parts, self.dist,
+                       self.total_steps)
         self.step, self.best_score = int(ckpt.step), float(ckpt.best_score)
         loop_state = ckpt.loop or {}
         self.meter.load_state_dict(loop_state.get("meter", {}))
@@ -420,14 +429,32 @@ class Trainer:
                          {"world": self.dist.world, "device": str(self.device), "start_step": self.step})
 
     def _summary(self) -> dict[str, Any]:
+        path = self.out / f"train_summary_{self.opts.view}.json"
+        # a run that validated nothing (a resume of a finished run: "nothing to do") keeps the scores
+        # the summary already holds for this step; an empty dict there erased the final validation
+        validation = self.last_val or _previous_validation(path, self.step)
         summary = {"view": self.opts.view, "steps": self.step, "total_steps": self.total_steps,
                    "stop": self.stop_reason, "best_score": self.best_score, "served": self.served,
-                   "validation": self.last_val,
-                   "seconds": self.seconds(), "semi": self.semi, "device": str(self.device),
+                   "validation": validation,
+                   "seconds": self.seconds(), "semi": self.semi,
+                   "semi_from_step": self.semi_from if self.semi else None, "device": str(self.device),
                    "world": self.dist.world, "rank": self.dist.rank}
         if self.dist.is_main:
-            write_json_atomic(self.out / f"train_summary_{self.opts.view}.json", summary)
+            write_json_atomic(path, summary)
         return summary
+
+
+def _previous_validation(path: Path, step: int) -> dict[str, float]:
+    """The validation scores of the summary at ``path`` if it was written at ``step``, else {}."""
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("steps") != step or not isinstance(old.get("validation"), dict):
+        return {}
+    return old["validation"]
 
 
 def _int(value: Any) -> int:

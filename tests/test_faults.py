@@ -131,6 +131,31 @@ def test_out_of_memory_is_one_line_exit_2(exc, capsys):
     assert code.value.code == 2 and len(err) == 1 and err[0].startswith("error: out of memory"), err
 
 
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
+    """Under torchrun, rank 0 stops on bad input with its one line; rank 1's next barrier fails with
+    gloo's "Connection closed by peer" (a traceback, exit 1, before): one line and exit 2 too."""
+    from utils.errors import run_cli
+
+    class DistBackendError(RuntimeError):  # torch.distributed's type, by name
+        pass
+
+    for exc in (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4242"),
+                DistBackendError("NCCL communicator was aborted")):
+        def main(argv, exc=exc):
+            raise exc
+
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(SystemExit) as code:
+            run_cli(main, [])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code.value.code == 2 and err == [
+            "error: rank 1: another rank stopped (its error is above); stopping too"], err
+        monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: a real error, not a peer's
+        with pytest.raises(RuntimeError):
+            run_cli(main, [])
+
+
 def test_other_runtime_errors_are_not_taken_for_memory(capsys):
     from utils.errors import run_cli
 
@@ -619,3 +644,15 @@ def test_closed_stdout_pipe_is_one_line_not_a_traceback(tmp_path):
     assert not _parts(tmp_path / "out")
     rerun = run_script("resample.py", "-p1", raw, "-p2", tmp_path / "out", "-s1", "16", "-s2", "16")
     assert rerun.returncode == 0, rerun.stderr
+
+
+def test_json_files_are_strict_json(tmp_path):
+    """A summary without a validation score held ``-Infinity``, which strict readers refuse."""
+    import json
+    import math
+
+    write_json_atomic(tmp_path / "s.json", {"best": -math.inf, "x": [1.0, math.nan], "ok": 0.5})
+    text = (tmp_path / "s.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"best": None, "x": [1.0, None],
+                                                                       "ok": 0.5}

@@ -87,6 +87,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return text
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_stopped(err: BaseException) -> bool:
+    """Whether ``err`` is a collective (barrier, all-reduce) failing because another process of a
+    torchrun job has gone: torch's distributed error types, or gloo's closed connection."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return False
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or any(
+        s in str(err) for s in PEER_GONE)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a script's ``main`` and exit; bad input becomes one line on stderr and exit code 2."""
     try:
@@ -102,6 +119,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
               "spacing in its header and the grid flags)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except RuntimeError as err:
+        if peer_stopped(err):
+            # under torchrun a rank that finds bad input exits with its one line; the others then
+            # fail in their next collective: one line each, not a traceback that hides the cause
+            print(f"error: rank {os.environ.get('RANK', '?')}: another rank stopped (its error is above); "
+                  "stopping too", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
         if "Failed to allocate memory" not in str(err):  # SimpleITK's MemoryError
             raise
         print("error: out of memory (SimpleITK could not allocate an image; check the voxel spacing in "

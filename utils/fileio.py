@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -177,8 +178,23 @@ def _size_check(target: str | os.PathLike, n: int) -> Callable[[Path], None]:
 
 
 def json_dumps(obj: Any) -> str:
-    """``obj`` as the indented JSON text every JSON file of UniMOS holds."""
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    """``obj`` as the indented JSON text every JSON file of UniMOS holds.
+
+    Non-finite floats become ``null``: Python writes them as ``NaN``/``-Infinity``, which strict JSON
+    readers (jq, JavaScript, most other languages) refuse (a summary with no validation score had
+    ``"best_score": -Infinity``).
+    """
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
