@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--val-every", str(args.val_every), "--device", args.device,
                  "--workers", str(args.workers), "--seed", str(args.seed),
                  "--unlabeled-batchsize", str(args.unlabeled_batch), "--semi-warmup", str(args.semi_warmup),
-                 "--semi" if args.semi else "--no-semi"]
+                 "--semi" if args.semi else "--no-semi",
+                 "--overwrite"]  # the demo trains afresh each time: a rerun replaces its model
     if args.blocks:
         train_cmd += ["--blocks", args.blocks]
     train_cmd += shlex.split(args.extra)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from data.config import Config, load_config
-from engine.checkpoint import last_name
+from engine.checkpoint import best_name, last_name
 from engine.options import TrainOptions
 from engine.runtime import DistInfo, resolve_amp, resolve_device
 from utils.errors import InputError
@@ -64,6 +64,31 @@ def check_out_folder(out: Path) -> None:
         raise InputError(out, f"cannot create output folder: {anc} is not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise InputError(out, f"cannot create output folder: {anc} is not writable")
+
+
+def check_existing_run(opts: TrainOptions) -> None:
+    """Refuse to start afresh over this view's checkpoints in ``--out``.
+
+    A fresh run used to replace a finished run's ``resu_best``/``resu_last`` (and rewrite its
+    history) without a word. Continuing it (``--resume auto``, or ``--resume`` naming its own last
+    checkpoint or folder) and ``--overwrite`` are the two ways to go on.
+
+    Raises:
+        InputError: naming the existing checkpoint.
+    """
+    out = Path(opts.out)
+    existing = [out / n for n in (last_name(opts.view), best_name(opts.view)) if (out / n).is_file()]
+    if not existing or opts.overwrite or opts.resume == "auto":
+        return
+    if opts.resume:
+        own = {out.resolve(), (out / last_name(opts.view)).resolve()}
+        if Path(opts.resume).resolve() in own:
+            return
+        what = f"--resume {opts.resume} would continue another run into it"
+    else:
+        what = "a fresh run would replace it"
+    raise InputError(existing[0], f"--out already holds checkpoints of view {opts.view} and {what}: "
+                     "continue it with --resume auto, start over with --overwrite, or choose another --out")
 
 
 def find_resume(opts: TrainOptions) -> Path | None:

@@ -88,6 +88,7 @@ class TrainOptions:
     sync_bn: bool = False
     seed: int = 0
     resume: str | None = None
+    overwrite: bool = False
     time_budget: float = 0.0
     val_every: int = 1
     val_batch: int = 16

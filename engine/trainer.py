@@ -45,6 +45,7 @@ from engine import steps
 from engine.build import (
     build_network,
     build_semi,
+    check_existing_run,
     check_out_folder,
     find_resume,
     prepare_data,
@@ -135,6 +136,7 @@ class Trainer:
 
         opts, dist = self.opts, self.dist
         check_out_folder(self.out)  # created by run(): a failed start leaves nothing behind
+        check_existing_run(opts)
         if opts.tensorboard:
             tensorboard_writer_class()  # fail now, not after the data is cached
         data = prepare_data(opts, self.config, dist)

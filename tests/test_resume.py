@@ -290,3 +290,26 @@ def test_resume_of_a_finished_run_keeps_its_summary_and_notes_other_changes(tiny
     for part in ("--loss tal -> naive", "--datasets None -> LiTS,KiTS", "--weight-decay 0.0 -> 0.0001",
                  "--warmup-steps 0 -> 10"):
         assert part in notes, notes
+
+
+def test_a_fresh_run_does_not_replace_a_finished_run(tiny_data, tiny_runs, tmp_path):
+    """A fresh start in an --out holding this view's checkpoints replaced them (and the history)
+    silently. Refused, naming the checkpoint, with nothing touched; --resume auto continues it and
+    --overwrite starts over."""
+    import shutil
+
+    from utils.fileio import sha256_file as sha256_of
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_runs["sup"], out)
+    before = {f.name: sha256_of(f) for f in out.iterdir() if f.is_file()}
+    other = tmp_path / "other" / LAST
+    other.parent.mkdir()
+    shutil.copy(out / LAST, other)
+    for extra in ({}, {"resume": str(other)}):
+        with pytest.raises(InputError, match=r"--out already holds checkpoints of view axial") as err:
+            fit(train_options(tiny_data, out, semi=False, **extra))
+        assert err.value.path == str(out / LAST)
+    assert {f.name: sha256_of(f) for f in out.iterdir() if f.is_file()} == before
+    summary = fit(train_options(tiny_data, out, semi=False, overwrite=True, epochs=1))
+    assert summary["steps"] == 2
