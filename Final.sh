@@ -42,6 +42,10 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then mkdir -p logs; fi
 
 VIEWS=(axial coronal sagittal)
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+  if [[ ! "$SLURM_ARRAY_TASK_ID" =~ ^[0-2]$ ]]; then
+    echo "error: SLURM_ARRAY_TASK_ID: must be 0, 1 or 2 (axial, coronal, sagittal), got '$SLURM_ARRAY_TASK_ID'" >&2
+    exit 2
+  fi
   VIEW=${VIEWS[$SLURM_ARRAY_TASK_ID]}
 fi
 VIEW=${VIEW:-axial}
@@ -53,6 +57,14 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 GRACE=${GRACE:-170}
 EXIT_REQUEUE=3  # engine/preempt.py
+# bash arithmetic below would read "2x" as an error and go on with one process
+for name in NNODES GPUS_PER_NODE MASTER_PORT GRACE; do
+  value=${!name}
+  if [[ ! "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $name: must be a whole number >= 1, got '$value'" >&2
+    exit 2
+  fi
+done
 
 ARGS=(Final.py --data "$DATA" --out "$OUT" --view "$VIEW"
       --width 64 --blocksize 224 -b 8 -s 3 --lr 5e-4 --momentum 0.9 --epochs 2500

@@ -119,7 +119,8 @@ def prepare_data(opts: TrainOptions, config: Config, dist: DistInfo) -> RunData:
     from data.cache import build_cache
     from data.layout import discover
 
-    datasets = opts.datasets.split(",") if opts.datasets else None
+    # " LiTS" passes the flag check (which strips), so it must mean LiTS here too
+    datasets = [n.strip() for n in opts.datasets.split(",")] if opts.datasets else None
     cases = discover(config, opts.data, datasets)
     by_split: dict[str, list] = {"labeled": [], "validation": [], "unlabeled": []}
     for c in cases:

@@ -290,6 +290,20 @@ def test_final_sh_single_process_passes_arguments_and_exit_code(tmp_path):
     assert not (tmp_path / "logs").exists()  # only created under Slurm
 
 
+@pytest.mark.parametrize(("name", "value"), [("SLURM_ARRAY_TASK_ID", "5"), ("GPUS_PER_NODE", "2x"),
+                                           ("NNODES", "0"), ("GRACE", "-1")])
+def test_final_sh_bad_environment_is_one_line_exit_2(tmp_path, name, value):
+    """An array index past the three views was bash's "unbound variable"; "2x" GPUs per node an
+    arithmetic error, after which one process ran anyway."""
+    env = _final_sh_env(tmp_path, **{name: value})
+    proc = subprocess.run(["bash", str(REPO / "Final.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and \
+        proc.stderr.startswith(f"error: {name}: ") and f"'{value}'" in proc.stderr, proc.stderr
+    assert not _calls(tmp_path)  # nothing started
+
+
 @pytest.mark.parametrize("slurm", [False, True])
 def test_final_sh_forwards_usr1_and_requeues(tmp_path, slurm):
     extra = {"SLURM_JOB_ID": "4242"} if slurm else {}

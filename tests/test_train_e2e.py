@@ -86,6 +86,18 @@ def test_semi_loss_weights_are_flags_and_checked(tiny_data, tmp_path):
     assert not any((tmp_path / "out").glob("*.pth.tar"))
 
 
+def test_dataset_names_with_spaces_mean_the_datasets(tiny_data, tmp_path, capsys):
+    """--datasets " MSDSpleen" passed the flag check (which strips) and then failed as an unknown
+    dataset of the config."""
+    from engine.trainer import fit
+    from tests.conftest import train_options
+
+    summary = fit(train_options(tiny_data, tmp_path / "out", semi=False, datasets=" MSDSpleen ", epochs=1,
+                                steps_per_epoch=1))
+    assert summary["steps"] == 1
+    assert "['MSDSpleen']" in capsys.readouterr().out
+
+
 def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, tmp_path):
     """--norm batch trains PIPO-FAN's network; a checkpoint written before the option (no "norm" in
     its model_args) holds one, resumes with --norm batch and is refused, with the hint, without it."""
