@@ -127,6 +127,7 @@ class Trainer:
         self.served = "student"  # which weights resu_best holds (the better on validation)
         self.slices_seen, self.window_t0 = 0, time.time()
         self.lab_iter = self.unl_iter = None
+        self.resumed_from: Path | None = None
 
     # ---- set-up
 
@@ -165,6 +166,7 @@ class Trainer:
 
         ckpt = restore(path, self.opts, config_to_dict(self.config), self.net, self.semi_parts, self.dist,
                        self.total_steps)
+        self.resumed_from = path
         self.step, self.best_score = int(ckpt.step), float(ckpt.best_score)
         loop_state = ckpt.loop or {}
         self.meter.load_state_dict(loop_state.get("meter", {}))
@@ -429,6 +431,27 @@ class Trainer:
             run_log.open_file(self.out / "train.log")
         write_run_record(self.out / f"args_{self.opts.view}.json", self.opts.to_dict(),
                          {"world": self.dist.world, "device": str(self.device), "start_step": self.step})
+        self._carry_best_over()
+
+    def _carry_best_over(self) -> None:
+        """Resumed from another folder's checkpoint: bring that run's best checkpoint along.
+
+        The restored best score is that checkpoint's, so validation only writes a best here once it
+        beats it; until then a new ``--out`` held no best checkpoint at all (segment.py then found
+        none there). Copied atomically; an existing best here is never replaced.
+        """
+        import shutil
+
+        from utils.fileio import atomic_path
+
+        src = self.resumed_from
+        if src is None or src.parent.resolve() == self.out.resolve():
+            return
+        best, here = src.parent / best_name(self.opts.view), self.out / best_name(self.opts.view)
+        if best.is_file() and not here.exists():
+            with atomic_path(here) as tmp:
+                shutil.copyfile(best, tmp)
+            log.info(f"copied {best} to {here}: the best checkpoint so far, until validation beats it")
 
     def _summary(self) -> dict[str, Any]:
         path = self.out / f"train_summary_{self.opts.view}.json"

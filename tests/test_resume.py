@@ -313,3 +313,17 @@ def test_a_fresh_run_does_not_replace_a_finished_run(tiny_data, tiny_runs, tmp_p
     assert {f.name: sha256_of(f) for f in out.iterdir() if f.is_file()} == before
     summary = fit(train_options(tiny_data, out, semi=False, overwrite=True, epochs=1))
     assert summary["steps"] == 2
+
+
+def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(tiny_data, tiny_runs, tmp_path):
+    """The restored best score is the source run's: until validation beat it, the new --out held no
+    best checkpoint, and segment.py --network-path NEWOUT found none."""
+    from utils.fileio import sha256_file
+
+    src = tiny_runs["sup"]
+    out = tmp_path / "continued"
+    # lr 0: the final validation scores the step-4 weights again, which cannot beat the source's
+    # best, so only the copy can be there
+    fit(train_options(tiny_data, out, semi=False, resume=str(src / LAST), epochs=3, lr=0.0))
+    best = out / "resu_best_axial.pth.tar"
+    assert sha256_file(best) == sha256_file(src / "resu_best_axial.pth.tar")
