@@ -127,6 +127,12 @@ def prepare_data(opts: TrainOptions, config: Config, dist: DistInfo) -> RunData:
         by_split[c.split].append(c)
     if not by_split["labeled"]:
         raise InputError(opts.data, "no labeled cases found (see README: data layout)")
+    trained_on = sorted({c.dataset for c in by_split["labeled"]})
+    labeled = {o for name in trained_on for o in config.dataset(name).labels.values()}
+    never = [o for o in config.organs if o not in labeled]
+    if never:
+        log.info(f"note: organ(s) {never} are labeled by none of the datasets trained on ({trained_on}): "
+                 "their classes get no supervision (check the config's organs and --datasets)")
     semi = opts.semi if opts.semi is not None else bool(by_split["unlabeled"])
     if semi and not by_split["unlabeled"]:
         raise InputError(opts.data, "--semi was asked for but no unlabeled volumes were found")

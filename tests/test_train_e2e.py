@@ -95,7 +95,11 @@ def test_dataset_names_with_spaces_mean_the_datasets(tiny_data, tmp_path, capsys
     summary = fit(train_options(tiny_data, tmp_path / "out", semi=False, datasets=" MSDSpleen ", epochs=1,
                                 steps_per_epoch=1))
     assert summary["steps"] == 1
-    assert "['MSDSpleen']" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "['MSDSpleen']" in out
+    # and what a spleen-only run leaves without supervision is said
+    assert "note: organ(s) ['liver', 'kidney'] are labeled by none of the datasets trained on " \
+           "(['MSDSpleen'])" in out, out
 
 
 def test_batch_norm_run_and_resume_of_a_checkpoint_without_norm_key(tiny_data, tmp_path):
