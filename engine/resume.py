@@ -35,6 +35,8 @@ RESUME_ARGS = ("batchsize", "unlabeled_batchsize", "steps_per_epoch", "seed", "m
 # What the network's input means: a checkpoint trained on one HU window or in-plane grid would be
 # continued (and then served by segment.py) on another, its first steps on inputs it never saw.
 PREPROCESSING = {"hu_window": "--hu-window", "inplane_size": "--inplane", "inplane_spacing": "--spacing"}
+# The Final.py flag behind each model argument, for the hint of a mismatching --resume
+MODEL_FLAGS = {"norm": "--norm", "blocks": "--blocks", "width": "--width", "in_channels": "--slices"}
 # What a checkpoint written before an option existed (or changed its default) ran with
 LEGACY_ARGS = {"cutmix_pairs": "index"}
 
@@ -52,8 +54,13 @@ def load_for_resume(path: Path, opts: TrainOptions, organs: list[str],
                                                  "slices": opts.slices, "width": opts.width})
     stored = {"norm": LEGACY_NORM, **(ckpt.model_args or {})}
     if stored != model_args:
-        only_norm = {**stored, "norm": opts.norm} == model_args
-        hint = f" (resume with --norm {stored['norm']})" if only_norm else ""
+        flags = []
+        for key in sorted(set(stored) | set(model_args)):
+            if stored.get(key) != model_args.get(key) and key in MODEL_FLAGS:
+                value = stored.get(key)
+                text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                flags.append(f"{MODEL_FLAGS[key]} {text}")
+        hint = f" (resume with {' '.join(flags)})" if flags else ""
         raise InputError(path, f"checkpoint model {stored} differs from the requested {model_args}{hint}")
     return ckpt
 

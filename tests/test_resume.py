@@ -177,7 +177,7 @@ def test_resume_refuses_foreign_and_mismatching_checkpoints(tiny_data, tiny_runs
     save_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "blocks": [2, 2, 2, 2]}}, blocks)
     cases = [(foreign, "not a UniMOS checkpoint"), (wider, "width is 8 but 4"),
              (truncated, "not a loadable checkpoint"), (coronal, "view is 'coronal'"),
-             (no_optim, "has no optimizer"), (blocks, "differs from the requested"),
+             (no_optim, "has no optimizer"), (blocks, "(resume with --blocks 2,2,2,2)"),
              (tmp_path / "missing.pth.tar", "does not exist")]
     for path, message in cases:
         out = tmp_path / f"out_{path.stem}"
