@@ -150,7 +150,7 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
             run_cli(main, [])
         err = capsys.readouterr().err.strip().splitlines()
         assert code.value.code == 2 and err == [
-            "error: rank 1: another rank stopped (its error is above); stopping too"], err
+            "error: rank 1: another rank stopped (see its error line); stopping too"], err
         monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: a real error, not a peer's
         with pytest.raises(RuntimeError):
             run_cli(main, [])

@@ -122,7 +122,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         if peer_stopped(err):
             # under torchrun a rank that finds bad input exits with its one line; the others then
             # fail in their next collective: one line each, not a traceback that hides the cause
-            print(f"error: rank {os.environ.get('RANK', '?')}: another rank stopped (its error is above); "
+            print(f"error: rank {os.environ.get('RANK', '?')}: another rank stopped (see its error line); "
                   "stopping too", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         if "Failed to allocate memory" not in str(err):  # SimpleITK's MemoryError
