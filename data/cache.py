@@ -13,6 +13,12 @@ The key hashes the image and label files (resolved path, size, mtime), the prepr
 so a missing view is added to an existing entry on demand instead of duplicating the entry. A new
 entry is built in a temporary folder and renamed into place (atomic); views added later are written
 atomically under a file lock.
+
+An existing entry is reused only when it is whole: meta.json readable and of this version, and every
+array it lists as long as its ``.npy`` header says (header, dtype and shape checked against meta.json;
+the data itself is not read). Anything else (a truncated or damaged array, e.g. a copy cut short) is
+stale and the entry is rebuilt before training. Damage that appears later, once training has
+started, fails where the array is mapped with one line naming the file.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ CACHE_VERSION = 2  # 2: slices padded to the grid's aspect (data/inplane.py), no
 # A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
 # voxels at an organ's tip make poor training centres.
 FG_MIN_VOXELS = 16
+# What each entry's arrays hold (_valid_entry checks the files against these).
+_DTYPES = {"image": np.dtype(np.float32), "label": np.dtype(np.uint8)}
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:
@@ -97,6 +105,21 @@ def foreground_slices(label_stack: np.ndarray, min_voxels: int = FG_MIN_VOXELS) 
     fg = (label_stack > 0) & (label_stack != IGNORE_INDEX)
     counts = fg.reshape(fg.shape[0], -1).sum(axis=1)
     return np.flatnonzero(counts >= min_voxels).astype(np.int64)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped read-only as a plain ndarray; a damaged file is an InputError.
+
+    Entries are checked before training (:func:`_valid_entry`), so this only fails for a file
+    damaged since then, possibly in a loader worker: one line naming the file, not a traceback.
+    """
+    try:
+        # a plain ndarray over the map: every slice of an np.memmap runs two Python methods
+        # (__getitem__, __array_finalize__), ~5 us of each 2.5D sample's ~45 us
+        return np.load(path, mmap_mode="r").view(np.ndarray)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cache file is truncated or damaged ({err}); "
+                         "a rerun rebuilds its entry") from None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -169,9 +192,7 @@ class CachedVolume:
         if arr is None:
             if view not in self.meta["views"]:
                 self.ensure_view(view)
-            # a plain ndarray over the map: every slice of an np.memmap runs two Python methods
-            # (__getitem__, __array_finalize__), ~5 us of each 2.5D sample's ~45 us
-            arr = np.load(self.folder / f"{name}.npy", mmap_mode="r").view(np.ndarray)
+            arr = _open_npy(self.folder / f"{name}.npy")
             self._arrays[name] = arr
         return arr
 
@@ -202,12 +223,12 @@ class CachedVolume:
             if view in self.meta["views"]:
                 return
             spacing = self.meta["canonical_geometry"]["spacing"]
-            image = view_stack(np.load(self.folder / "image_axial.npy", mmap_mode="r"), spacing, view,
+            image = view_stack(_open_npy(self.folder / "image_axial.npy"), spacing, view,
                                is_label=False)
             _save_npy(self.folder / f"image_{view}.npy", image)
             info: dict[str, Any] = {"shape": list(image.shape), "foreground": []}
             if self.has_label:
-                label = view_stack(np.load(self.folder / "label_axial.npy", mmap_mode="r"), spacing,
+                label = view_stack(_open_npy(self.folder / "label_axial.npy"), spacing,
                                    view, is_label=True)
                 _save_npy(self.folder / f"label_{view}.npy", label)
                 info["foreground"] = foreground_slices(label).tolist()
@@ -293,13 +314,38 @@ def entry_folder(case: Case, config: Config, cache_dir: str | Path) -> tuple[Pat
     return Path(cache_dir) / case.dataset / f"{case.case_id}-{_digest(inputs)}", inputs
 
 
-def _valid_entry(folder: Path) -> bool:
-    meta = folder / "meta.json"
-    if not meta.is_file() or not (folder / "image_axial.npy").is_file():
-        return False
+def _npy_complete(path: Path, shape: Sequence[int], dtype: np.dtype) -> bool:
+    """Whether ``path`` is a whole ``.npy`` of ``shape`` and ``dtype``: its header announces them and
+    the file is exactly as long as header plus data. Reads the header only (about 128 bytes), so
+    checking every entry before training stays cheap; a truncated file would otherwise fail when it
+    is memory-mapped, possibly inside a loader worker."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        return json.loads(meta.read_text()).get("version") == CACHE_VERSION
-    except ValueError:
+        with open(path, "rb") as fh:
+            read = readers.get(np.lib.format.read_magic(fh))
+            if read is None:  # np.save writes 1.0 (2.0 for huge headers); anything else is not ours
+                return False
+            file_shape, fortran, file_dtype = read(fh)
+            data_start = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError):  # missing, unreadable, or a damaged header
+        return False
+    if fortran or file_dtype != dtype or list(file_shape) != [int(n) for n in shape]:
+        return False
+    return size == data_start + file_dtype.itemsize * int(np.prod(file_shape, dtype=np.int64))
+
+
+def _valid_entry(folder: Path) -> bool:
+    """Whether ``folder`` is a complete entry of this :data:`CACHE_VERSION`: a readable meta.json and,
+    for every view it lists, arrays whose headers and file sizes match (see :func:`_npy_complete`)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or "axial" not in meta["views"]:
+            return False
+        kinds = [("image", _DTYPES["image"])] + ([("label", _DTYPES["label"])] if meta["has_label"] else [])
+        return all(_npy_complete(folder / f"{kind}_{view}.npy", info["shape"], dtype)
+                   for view, info in meta["views"].items() for kind, dtype in kinds)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing or malformed meta.json
         return False
 
 
@@ -314,7 +360,8 @@ def cache_one(case: Case, config: Config, cache_dir: str | Path,
     folder, inputs = entry_folder(case, config, cache_dir)
     if not _valid_entry(folder):
         if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # stale or damaged (e.g. older version)
+            # stale or damaged (an older version, a truncated array): rebuilt from the inputs
+            shutil.rmtree(folder, ignore_errors=True)
         _build_entry(case, config, inputs, folder)
     vol = CachedVolume(folder)
     for view in views:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 
 import numpy as np
 import pytest
 
-from data.cache import CachedVolume, build_cache, cache_key, foreground_slices
+from data.cache import CACHE_VERSION, CachedVolume, _valid_entry, build_cache, cache_key, foreground_slices
 from data.config import config_from_dict
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
@@ -143,3 +144,67 @@ def test_foreground_threshold():
 def test_missing_entry_is_input_error(tmp_path):
     with pytest.raises(InputError):
         CachedVolume(tmp_path / "nope")
+
+
+def _damage_truncate(f):
+    os.truncate(f, f.stat().st_size - 1000)
+
+
+def _damage_append(f):
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 64)
+
+
+def _damage_header(f):
+    data = bytearray(f.read_bytes())
+    data[:6] = b"XXXXXX"  # the magic string
+    f.write_bytes(bytes(data))
+
+
+def _damage_shape(f):
+    # a whole, readable .npy of another shape (the size matches its own header, not meta.json)
+    np.save(f, np.zeros((2, 3), dtype=np.load(f, mmap_mode="r").dtype))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("image_axial.npy", _damage_truncate),
+    ("label_axial.npy", _damage_truncate),
+    ("label_coronal.npy", _damage_truncate),  # a view added later is checked too
+    ("image_axial.npy", _damage_append),
+    ("image_axial.npy", _damage_header),
+    ("label_axial.npy", _damage_shape),
+    ("image_coronal.npy", os.unlink),
+])
+def test_damaged_entry_is_stale_and_rebuilt(tmp_path, name, damage):
+    """An entry whose arrays do not match their headers / meta.json is rebuilt, not reused (a
+    truncated array failed later: 'mmap length is greater than file size', in a loader worker)."""
+    case = _case(tmp_path)
+    cache = tmp_path / "cache"
+    (vol,) = build_cache([case], CONFIG, cache, views=("axial", "coronal"), progress=False)
+    assert _valid_entry(vol.folder)
+    clean = {f.name: f.read_bytes() for f in vol.folder.glob("*.npy")}
+    damage(vol.folder / name)
+    assert not _valid_entry(vol.folder)
+    (again,) = build_cache([case], CONFIG, cache, views=("axial", "coronal"), progress=False)
+    assert again.folder == vol.folder and _valid_entry(again.folder)
+    assert {f.name: f.read_bytes() for f in again.folder.glob("*.npy")} == clean
+    assert not list(cache.rglob("*.part"))
+
+
+def test_valid_entry_refuses_a_damaged_meta(tmp_path):
+    (vol,) = build_cache([_case(tmp_path)], CONFIG, tmp_path / "cache", progress=False)
+    meta = vol.folder / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    assert not _valid_entry(vol.folder)
+    meta.write_text(json.dumps({"version": CACHE_VERSION}))  # parses, but lists no arrays
+    assert not _valid_entry(vol.folder)
+
+
+def test_array_damaged_after_the_check_is_one_input_error(tmp_path):
+    """Found only when mapped (e.g. in a loader worker): an InputError naming the file."""
+    (vol,) = build_cache([_case(tmp_path)], CONFIG, tmp_path / "cache", progress=False)
+    f = vol.folder / "image_axial.npy"
+    _damage_truncate(f)
+    with pytest.raises(InputError, match="truncated or damaged") as err:
+        CachedVolume(vol.folder).image("axial")
+    assert err.value.path == str(f)
