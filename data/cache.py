@@ -7,18 +7,29 @@ Layout of one entry ``<cache_dir>/<dataset>/<case_id>-<key>/``::
     label_axial.npy      uint8   [nS, H, W]: config.map_labels(label) on the same grid (labeled cases)
     image_coronal.npy    ... other views, derived from the axial arrays with data.preprocess.view_stack
 
-The key hashes the image and label files (resolved path, size, mtime), the preprocessing settings
-(HU window, in-plane size and spacing mode, the dataset's file value -> class map) and
-:data:`CACHE_VERSION`. Views are *not* part of the key: every view derives from the axial arrays,
-so a missing view is added to an existing entry on demand instead of duplicating the entry. A new
-entry is built in a temporary folder and renamed into place (atomic); views added later are written
-atomically under a file lock.
+The key hashes the identity of the image and label files (resolved path, size, mtime, ctime and
+inode number; for a DICOM folder those of each of its files), the preprocessing settings (HU window,
+in-plane size and spacing mode, the dataset's file value -> class map) and :data:`CACHE_VERSION`.
+Views are *not* part of the key: every view derives from the axial arrays, so a missing view is
+added to an existing entry on demand instead of duplicating the entry. A new entry is built in a
+temporary folder and renamed into place (atomic); views added later are written atomically under a
+file lock.
 
 An existing entry is reused only when it is whole: meta.json readable and of this version, and every
 array it lists as long as its ``.npy`` header says (header, dtype and shape checked against meta.json;
 the data itself is not read). Anything else (a truncated or damaged array, e.g. a copy cut short) is
 stale and the entry is rebuilt before training. Damage that appears later, once training has
 started, fails where the array is mapped with one line naming the file.
+
+File identity, not content: hashing whole datasets on every run would cost more than building the
+cache. Size and mtime alone missed a file rewritten at the same size whose mtime was put back
+(``touch -r``, ``cp -p``, ``rsync -a`` from a backup): training silently used the old arrays. The
+ctime cannot be set that way (any write, chmod, chown, link or timestamp change sets it to now) and a
+replaced file has a new inode. The cost: a change of metadata alone (chmod, chown, ``touch`` even
+with the same times) or a copy of the data folder (new inodes, new ctimes; a moved folder also has a
+new path) rebuilds the entries of the files concerned once. Reading a file changes neither, so an
+untouched dataset keeps its entries across runs. Shared file systems (NFS, Lustre) report the
+server's inode numbers and ctimes, so the nodes of a multi-node run compute the same keys.
 """
 
 from __future__ import annotations
@@ -43,7 +54,9 @@ from data.volume import VIEWS, Geometry, Volume, match_grid, read_volume
 from utils.errors import InputError, naming
 from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
-CACHE_VERSION = 2  # 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
+# 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
+# 3: input identity adds ctime and inode number (per file for DICOM folders)
+CACHE_VERSION = 3
 # A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
 # voxels at an organ's tip make poor training centres.
 FG_MIN_VOXELS = 16
@@ -51,16 +64,24 @@ FG_MIN_VOXELS = 16
 _DTYPES = {"image": np.dtype(np.float32), "label": np.dtype(np.uint8)}
 
 
+def _stat_identity(st: os.stat_result) -> dict[str, int]:
+    # mtime can be put back (touch -r, cp -p, rsync -a); ctime cannot, and a replaced file has a new
+    # inode (see the module docstring for what this costs)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def _file_stamp(path: Path) -> dict[str, Any]:
-    """Resolved path, size and mtime of a file, or of a DICOM folder's files taken together."""
+    """Identity of a file (resolved path, size, mtime, ctime, inode), or of a DICOM folder: its path,
+    file count and total size, and a digest of each file's name and identity (a folder of hundreds of
+    slices would make meta.json long; one rewritten slice changes the digest)."""
     p = path.resolve()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file())
-        stats = [f.stat() for f in files]
-        return {"path": str(p), "size": sum(s.st_size for s in stats),
-                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "files": len(files)}
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        per_file = [[f.name, _stat_identity(f.stat())] for f in files]
+        digest = hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
+        return {"path": str(p), "files": len(files), "size": sum(st["size"] for _, st in per_file),
+                "files_digest": digest}
+    return {"path": str(p), **_stat_identity(p.stat())}
 
 
 def cache_key_inputs(case: Case, config: Config) -> dict[str, Any]:
