@@ -7,12 +7,29 @@ Layout of one entry ``<cache_dir>/<dataset>/<case_id>-<key>/``::
     label_axial.npy      uint8   [nS, H, W]: config.map_labels(label) on the same grid (labeled cases)
     image_coronal.npy    ... other views, derived from the axial arrays with data.preprocess.view_stack
 
-The key hashes the image and label files (resolved path, size, mtime), the preprocessing settings
-(HU window, in-plane size and spacing mode, the dataset's file value -> class map) and
-:data:`CACHE_VERSION`. Views are *not* part of the key: every view derives from the axial arrays,
-so a missing view is added to an existing entry on demand instead of duplicating the entry. A new
-entry is built in a temporary folder and renamed into place (atomic); views added later are written
-atomically under a file lock.
+The key hashes the identity of the image and label files (resolved path, size, mtime, ctime and
+inode number; for a DICOM folder those of each of its files), the preprocessing settings (HU window,
+in-plane size and spacing mode, the dataset's file value -> class map) and :data:`CACHE_VERSION`.
+Views are *not* part of the key: every view derives from the axial arrays, so a missing view is
+added to an existing entry on demand instead of duplicating the entry. A new entry is built in a
+temporary folder and renamed into place (atomic); views added later are written atomically under a
+file lock.
+
+An existing entry is reused only when it is whole: meta.json readable and of this version, and every
+array it lists as long as its ``.npy`` header says (header, dtype and shape checked against meta.json;
+the data itself is not read). Anything else (a truncated or damaged array, e.g. a copy cut short) is
+stale and the entry is rebuilt before training. Damage that appears later, once training has
+started, fails where the array is mapped with one line naming the file.
+
+File identity, not content: hashing whole datasets on every run would cost more than building the
+cache. Size and mtime alone missed a file rewritten at the same size whose mtime was put back
+(``touch -r``, ``cp -p``, ``rsync -a`` from a backup): training silently used the old arrays. The
+ctime cannot be set that way (any write, chmod, chown, link or timestamp change sets it to now) and a
+replaced file has a new inode. The cost: a change of metadata alone (chmod, chown, ``touch`` even
+with the same times) or a copy of the data folder (new inodes, new ctimes; a moved folder also has a
+new path) rebuilds the entries of the files concerned once. Reading a file changes neither, so an
+untouched dataset keeps its entries across runs. Shared file systems (NFS, Lustre) report the
+server's inode numbers and ctimes, so the nodes of a multi-node run compute the same keys.
 """
 
 from __future__ import annotations
@@ -37,22 +54,34 @@ from data.volume import VIEWS, Geometry, Volume, match_grid, read_volume
 from utils.errors import InputError, naming
 from utils.fileio import apply_umask, atomic_path, part_name, write_failure, write_json_atomic
 
-CACHE_VERSION = 2  # 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
+# 2: slices padded to the grid's aspect (data/inplane.py), no longer stretched
+# 3: input identity adds ctime and inode number (per file for DICOM folders)
+CACHE_VERSION = 3
 # A slice counts as foreground when it holds at least this many labeled-organ voxels; a few stray
 # voxels at an organ's tip make poor training centres.
 FG_MIN_VOXELS = 16
+# What each entry's arrays hold (_valid_entry checks the files against these).
+_DTYPES = {"image": np.dtype(np.float32), "label": np.dtype(np.uint8)}
+
+
+def _stat_identity(st: os.stat_result) -> dict[str, int]:
+    # mtime can be put back (touch -r, cp -p, rsync -a); ctime cannot, and a replaced file has a new
+    # inode (see the module docstring for what this costs)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:
-    """Resolved path, size and mtime of a file, or of a DICOM folder's files taken together."""
+    """Identity of a file (resolved path, size, mtime, ctime, inode), or of a DICOM folder: its path,
+    file count and total size, and a digest of each file's name and identity (a folder of hundreds of
+    slices would make meta.json long; one rewritten slice changes the digest)."""
     p = path.resolve()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file())
-        stats = [f.stat() for f in files]
-        return {"path": str(p), "size": sum(s.st_size for s in stats),
-                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "files": len(files)}
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        per_file = [[f.name, _stat_identity(f.stat())] for f in files]
+        digest = hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
+        return {"path": str(p), "files": len(files), "size": sum(st["size"] for _, st in per_file),
+                "files_digest": digest}
+    return {"path": str(p), **_stat_identity(p.stat())}
 
 
 def cache_key_inputs(case: Case, config: Config) -> dict[str, Any]:
@@ -97,6 +126,21 @@ def foreground_slices(label_stack: np.ndarray, min_voxels: int = FG_MIN_VOXELS) 
     fg = (label_stack > 0) & (label_stack != IGNORE_INDEX)
     counts = fg.reshape(fg.shape[0], -1).sum(axis=1)
     return np.flatnonzero(counts >= min_voxels).astype(np.int64)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped read-only as a plain ndarray; a damaged file is an InputError.
+
+    Entries are checked before training (:func:`_valid_entry`), so this only fails for a file
+    damaged since then, possibly in a loader worker: one line naming the file, not a traceback.
+    """
+    try:
+        # a plain ndarray over the map: every slice of an np.memmap runs two Python methods
+        # (__getitem__, __array_finalize__), ~5 us of each 2.5D sample's ~45 us
+        return np.load(path, mmap_mode="r").view(np.ndarray)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cache file is truncated or damaged ({err}); "
+                         "a rerun rebuilds its entry") from None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -169,9 +213,7 @@ class CachedVolume:
         if arr is None:
             if view not in self.meta["views"]:
                 self.ensure_view(view)
-            # a plain ndarray over the map: every slice of an np.memmap runs two Python methods
-            # (__getitem__, __array_finalize__), ~5 us of each 2.5D sample's ~45 us
-            arr = np.load(self.folder / f"{name}.npy", mmap_mode="r").view(np.ndarray)
+            arr = _open_npy(self.folder / f"{name}.npy")
             self._arrays[name] = arr
         return arr
 
@@ -202,12 +244,12 @@ class CachedVolume:
             if view in self.meta["views"]:
                 return
             spacing = self.meta["canonical_geometry"]["spacing"]
-            image = view_stack(np.load(self.folder / "image_axial.npy", mmap_mode="r"), spacing, view,
+            image = view_stack(_open_npy(self.folder / "image_axial.npy"), spacing, view,
                                is_label=False)
             _save_npy(self.folder / f"image_{view}.npy", image)
             info: dict[str, Any] = {"shape": list(image.shape), "foreground": []}
             if self.has_label:
-                label = view_stack(np.load(self.folder / "label_axial.npy", mmap_mode="r"), spacing,
+                label = view_stack(_open_npy(self.folder / "label_axial.npy"), spacing,
                                    view, is_label=True)
                 _save_npy(self.folder / f"label_{view}.npy", label)
                 info["foreground"] = foreground_slices(label).tolist()
@@ -293,13 +335,38 @@ def entry_folder(case: Case, config: Config, cache_dir: str | Path) -> tuple[Pat
     return Path(cache_dir) / case.dataset / f"{case.case_id}-{_digest(inputs)}", inputs
 
 
-def _valid_entry(folder: Path) -> bool:
-    meta = folder / "meta.json"
-    if not meta.is_file() or not (folder / "image_axial.npy").is_file():
-        return False
+def _npy_complete(path: Path, shape: Sequence[int], dtype: np.dtype) -> bool:
+    """Whether ``path`` is a whole ``.npy`` of ``shape`` and ``dtype``: its header announces them and
+    the file is exactly as long as header plus data. Reads the header only (about 128 bytes), so
+    checking every entry before training stays cheap; a truncated file would otherwise fail when it
+    is memory-mapped, possibly inside a loader worker."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        return json.loads(meta.read_text()).get("version") == CACHE_VERSION
-    except ValueError:
+        with open(path, "rb") as fh:
+            read = readers.get(np.lib.format.read_magic(fh))
+            if read is None:  # np.save writes 1.0 (2.0 for huge headers); anything else is not ours
+                return False
+            file_shape, fortran, file_dtype = read(fh)
+            data_start = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError):  # missing, unreadable, or a damaged header
+        return False
+    if fortran or file_dtype != dtype or list(file_shape) != [int(n) for n in shape]:
+        return False
+    return size == data_start + file_dtype.itemsize * int(np.prod(file_shape, dtype=np.int64))
+
+
+def _valid_entry(folder: Path) -> bool:
+    """Whether ``folder`` is a complete entry of this :data:`CACHE_VERSION`: a readable meta.json and,
+    for every view it lists, arrays whose headers and file sizes match (see :func:`_npy_complete`)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or "axial" not in meta["views"]:
+            return False
+        kinds = [("image", _DTYPES["image"])] + ([("label", _DTYPES["label"])] if meta["has_label"] else [])
+        return all(_npy_complete(folder / f"{kind}_{view}.npy", info["shape"], dtype)
+                   for view, info in meta["views"].items() for kind, dtype in kinds)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing or malformed meta.json
         return False
 
 
@@ -314,7 +381,8 @@ def cache_one(case: Case, config: Config, cache_dir: str | Path,
     folder, inputs = entry_folder(case, config, cache_dir)
     if not _valid_entry(folder):
         if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # stale or damaged (e.g. older version)
+            # stale or damaged (an older version, a truncated array): rebuilt from the inputs
+            shutil.rmtree(folder, ignore_errors=True)
         _build_entry(case, config, inputs, folder)
     vol = CachedVolume(folder)
     for view in views:

@@ -235,10 +235,30 @@ class Trainer:
             finally:
                 preempt.uninstall()
         finally:
+            self.close_loaders()
             self.history.close()
             if opts.workers > 0:
                 gc.unfreeze()  # an in-process caller (tests, notebooks) gets its collector back
         return self._summary()
+
+    def close_loaders(self) -> None:
+        """Stop the loader workers now (also when the run ends with an error).
+
+        Workers ignore SIGTERM (data/loaders.py). After an error (one raised in a worker included)
+        the traceback keeps the loader iterator alive until the interpreter exits, and then
+        multiprocessing's exit handler sends its daemonic workers SIGTERM and waits for them: the
+        run hung after printing its error, with its workers left running.
+        """
+        for it in (self.lab_iter, self.unl_iter):
+            shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly shutdown
+            if shutdown is None:
+                continue
+            shutdown()
+            for w in getattr(it, "_workers", []):  # one that did not leave in time: SIGKILL
+                if w.is_alive():
+                    w.kill()
+                    w.join()
+        self.lab_iter = self.unl_iter = None
 
     def _loop(self, preempt: PreemptionFlag) -> None:
         from engine.distributed import stop_code

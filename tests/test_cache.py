@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 
 import numpy as np
 import pytest
 
-from data.cache import CachedVolume, build_cache, cache_key, foreground_slices
+from data.cache import CACHE_VERSION, CachedVolume, _valid_entry, build_cache, cache_key, foreground_slices
 from data.config import config_from_dict
 from data.layout import Case
 from data.preprocess import prepare_canonical, view_stack, window_hu
 from data.volume import Geometry, Volume, read_volume, write_volume
-from tests.helpers import phantom_pair
+from tests.helpers import phantom_pair, write_dicom_series
 from utils.errors import InputError
 
 CONFIG = config_from_dict({
@@ -30,13 +31,14 @@ DIRECTION = (0.0, -1.0, 0.0,
              -1.0, 0.0, 0.0)
 
 
-def _case(tmp_path, name="c1", label_value=2, direction=DIRECTION, label_geo=None, seed=0) -> Case:
+def _case(tmp_path, name="c1", label_value=2, direction=DIRECTION, label_geo=None, seed=0,
+          suffix=".nii.gz") -> Case:
     shape = (14, 16, 9)  # numpy (nk, nj, ni); index axis i is S-I here
     image, _ = phantom_pair(shape, label_value, seed=seed)
     label = np.zeros(shape, dtype=np.uint8)
     label[2:12, 3:13, 5:9] = label_value  # organ on S-I index i = 5..8 only
     geo = Geometry(shape, (3.0, 0.9, 0.8), (5.0, -7.0, 11.0), direction)
-    img_p, lab_p = tmp_path / "data" / f"{name}.nii.gz", tmp_path / "data" / "label" / f"{name}.nii.gz"
+    img_p, lab_p = tmp_path / "data" / f"{name}{suffix}", tmp_path / "data" / "label" / f"{name}{suffix}"
     write_volume(Volume(image, geo), img_p)
     write_volume(Volume(label, label_geo or geo), lab_p)
     return Case("KiTS", name, img_p, lab_p, "labeled")
@@ -143,3 +145,115 @@ def test_foreground_threshold():
 def test_missing_entry_is_input_error(tmp_path):
     with pytest.raises(InputError):
         CachedVolume(tmp_path / "nope")
+
+
+def _damage_truncate(f):
+    os.truncate(f, f.stat().st_size - 1000)
+
+
+def _damage_append(f):
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 64)
+
+
+def _damage_header(f):
+    data = bytearray(f.read_bytes())
+    data[:6] = b"XXXXXX"  # the magic string
+    f.write_bytes(bytes(data))
+
+
+def _damage_shape(f):
+    # a whole, readable .npy of another shape (the size matches its own header, not meta.json)
+    np.save(f, np.zeros((2, 3), dtype=np.load(f, mmap_mode="r").dtype))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("image_axial.npy", _damage_truncate),
+    ("label_axial.npy", _damage_truncate),
+    ("label_coronal.npy", _damage_truncate),  # a view added later is checked too
+    ("image_axial.npy", _damage_append),
+    ("image_axial.npy", _damage_header),
+    ("label_axial.npy", _damage_shape),
+    ("image_coronal.npy", os.unlink),
+])
+def test_damaged_entry_is_stale_and_rebuilt(tmp_path, name, damage):
+    """An entry whose arrays do not match their headers / meta.json is rebuilt, not reused (a
+    truncated array failed later: 'mmap length is greater than file size', in a loader worker)."""
+    case = _case(tmp_path)
+    cache = tmp_path / "cache"
+    (vol,) = build_cache([case], CONFIG, cache, views=("axial", "coronal"), progress=False)
+    assert _valid_entry(vol.folder)
+    clean = {f.name: f.read_bytes() for f in vol.folder.glob("*.npy")}
+    damage(vol.folder / name)
+    assert not _valid_entry(vol.folder)
+    (again,) = build_cache([case], CONFIG, cache, views=("axial", "coronal"), progress=False)
+    assert again.folder == vol.folder and _valid_entry(again.folder)
+    assert {f.name: f.read_bytes() for f in again.folder.glob("*.npy")} == clean
+    assert not list(cache.rglob("*.part"))
+
+
+def test_valid_entry_refuses_a_damaged_meta(tmp_path):
+    (vol,) = build_cache([_case(tmp_path)], CONFIG, tmp_path / "cache", progress=False)
+    meta = vol.folder / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    assert not _valid_entry(vol.folder)
+    meta.write_text(json.dumps({"version": CACHE_VERSION}))  # parses, but lists no arrays
+    assert not _valid_entry(vol.folder)
+
+
+def test_array_damaged_after_the_check_is_one_input_error(tmp_path):
+    """Found only when mapped (e.g. in a loader worker): an InputError naming the file."""
+    (vol,) = build_cache([_case(tmp_path)], CONFIG, tmp_path / "cache", progress=False)
+    f = vol.folder / "image_axial.npy"
+    _damage_truncate(f)
+    with pytest.raises(InputError, match="truncated or damaged") as err:
+        CachedVolume(vol.folder).image("axial")
+    assert err.value.path == str(f)
+
+
+def _rewrite_in_place(path, data: bytes) -> None:
+    """Overwrite ``path`` with ``data`` (the same size), then put its atime/mtime back, as
+    ``cp -p``, ``rsync -a`` or ``touch -r`` from a backup do: size and mtime are unchanged."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as fh:  # same inode
+        fh.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    same = ("st_size", "st_mtime_ns", "st_ino")
+    assert [getattr(after, k) for k in same] == [getattr(before, k) for k in same]
+
+
+def test_same_size_rewrite_with_restored_mtime_is_rebuilt(tmp_path):
+    """A label rewritten with other values at the same size, its mtime put back: the entry is
+    rebuilt from the new file (size + mtime alone reused the old labels, silently)."""
+    case = _case(tmp_path, suffix=".nii")  # uncompressed: other values, same byte size
+    cache = tmp_path / "cache"
+    (old,) = build_cache([case], CONFIG, cache, progress=False)
+    old_label = np.array(old.label("axial"))
+    lab = read_volume(case.label)
+    moved = np.zeros_like(lab.array)
+    moved[2:12, 3:13, 1:5] = 2  # the organ on other slices
+    write_volume(lab.with_array(moved), tmp_path / "new.nii")
+    _rewrite_in_place(case.label, (tmp_path / "new.nii").read_bytes())
+    (new,) = build_cache([case], CONFIG, cache, progress=False)
+    assert new.folder != old.folder
+    _, label = _direct(case, "axial")
+    np.testing.assert_array_equal(new.label("axial"), label)
+    assert not np.array_equal(new.label("axial"), old_label)
+
+
+def test_dicom_folder_identity_covers_each_file(tmp_path):
+    """A DICOM series is one input of many files: one slice rewritten at the same size with its mtime
+    put back changes the key; an untouched folder keeps it."""
+    image, _ = phantom_pair((4, 8, 8))
+    geo = Geometry((4, 8, 8), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    folder = write_dicom_series(tmp_path / "dicom" / "c1", Volume(image, geo))
+    case = Case("KiTS", "c1", folder, None, "unlabeled")
+    key = cache_key(case, CONFIG)
+    assert cache_key(case, CONFIG) == key
+    one = sorted(folder.iterdir())[1]
+    data = bytearray(one.read_bytes())
+    data[-1] ^= 0xFF  # a pixel of the last row
+    _rewrite_in_place(one, bytes(data))
+    assert cache_key(case, CONFIG) != key

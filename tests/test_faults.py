@@ -393,6 +393,64 @@ def test_cache_entries_honour_the_umask(tmp_path):
     assert stat.S_IMODE((vols[0].folder / "image_axial.npy").stat().st_mode) == 0o644
 
 
+def _copied_cache(tiny_data: Path, tmp: Path) -> Path:
+    """A copy of tiny_data's prebuilt cache (its keys name tiny_data's files, so runs reuse it)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_data / ".unimos_cache", tmp / "cache"))
+
+
+def test_truncated_cache_array_is_rebuilt_and_the_run_is_unchanged(tiny_data, tiny_runs, tmp_path):
+    """A truncated image_axial.npy made Final.py fail with 'mmap length is greater than file size'
+    (exit 1; with loader workers it then hung). The check before training rebuilds the entry, and
+    the run equals the one on a clean cache."""
+    from tests.test_resume import _assert_same_run
+
+    cache = _copied_cache(tiny_data, tmp_path)
+    damaged = next((cache / "KiTS").glob("scan_00000-*/image_axial.npy"))
+    clean = damaged.read_bytes()
+    os.truncate(damaged, len(clean) - 1000)
+    others = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy") if p.parent != damaged.parent}
+    out = tmp_path / "out"
+    proc = run_script("Final.py", *train_argv(tiny_data, out, "--no-semi", "--cache", str(cache)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert damaged.read_bytes() == clean
+    # The other entries (the damaged one is rebuilt whole), built by the fixture in another
+    # process, are reused: an untouched dataset keeps its cache key across runs.
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    _assert_same_run(out, tiny_runs["sup"])
+
+
+# Truncates every image_axial.npy under argv[1] after the check before training, just before the
+# loaders start, then runs the script argv[2:]: the damage is found in a loader worker.
+_TRUNCATE_BEFORE_LOADERS = """
+import os, runpy, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+import data.loaders
+real, cache = data.loaders.step_loader, Path(sys.argv[1])
+def truncating(*args, **kwargs):
+    for f in cache.rglob("image_axial.npy"):
+        os.truncate(f, f.stat().st_size - 1000)
+    return real(*args, **kwargs)
+data.loaders.step_loader = truncating
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cache_array_damaged_in_a_loader_worker_is_one_line_not_a_hang(tiny_data, tmp_path):
+    """Damage found only in a loader worker (--workers 2): one line naming the file, exit 2. The
+    workers ignore SIGTERM, so before the trainer stopped them on errors the process hung at exit."""
+    cache = _copied_cache(tiny_data, tmp_path)
+    argv = ["Final.py", *_no_workers_flag(train_argv(tiny_data, tmp_path / "out", "--no-semi",
+                                                     "--datasets", "KiTS", "--cache", str(cache)))]
+    proc = subprocess.run([sys.executable, "-c", _TRUNCATE_BEFORE_LOADERS, str(cache), *argv], cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=120)
+    line = _one_line(proc, cache / "KiTS")
+    assert "image_axial.npy: cache file is truncated or damaged" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Geometry at read: DICOM series, degenerate headers
 
