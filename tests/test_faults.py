@@ -715,3 +715,27 @@ def test_json_files_are_strict_json(tmp_path):
     assert "Infinity" not in text and "NaN" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"best": None, "x": [1.0, None],
                                                                        "ok": 0.5}
+
+
+def test_report_pair_survives_a_full_disk_found_only_at_fsync(tmp_path, monkeypatch):
+    """NFS and delayed allocation report ENOSPC at fsync: the second file failing there must not
+    leave the first renamed into place (both previous files stay, no temporary file is left)."""
+    import errno
+
+    from utils.fileio import write_texts_atomic
+
+    a, b = tmp_path / "r.json", tmp_path / "r.csv"
+    write_texts_atomic({a: "old json\n", b: "old csv\n"})
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".csv"):  # the temporary of the second file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(InputError, match="r.csv: cannot write output"):
+        write_texts_atomic({a: "new json\n", b: "new csv\n"})
+    monkeypatch.undo()
+    assert (a.read_text(), b.read_text()) == ("old json\n", "old csv\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]

@@ -77,7 +77,8 @@ def part_name(target: Path, suffix: str) -> str:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None,
-                verify: Callable[[Path], None] | None = None, allow_empty: bool = False) -> Iterator[Path]:
+                verify: Callable[[Path], None] | None = None, allow_empty: bool = False,
+                stage: list[tuple[Path, Path]] | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is fsynced, verified and renamed onto it.
 
     The temporary name keeps ``target``'s suffixes (``.nii.gz``) so writers that choose a format
@@ -90,6 +91,9 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None,
         verify: called with the temporary path after the write; raises (InputError) when the file
             is not what was meant to be written.
         allow_empty: accept an empty file (otherwise taken for a write that a full disk cut short).
+        stage: instead of renaming, append ``(temporary, target)`` here once the file is written,
+            fsynced and verified; the caller renames (and, on failure, removes) it, so that several
+            files can be renamed only when all of them are whole.
 
     Raises:
         InputError: the target's folder cannot be created or written, the disk is full, or the
@@ -126,6 +130,9 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None,
         if verify is not None:
             verify(tmp)
         apply_umask(tmp)
+        if stage is not None:
+            stage.append((tmp, target))
+            return
         try:
             os.replace(tmp, target)
         except OSError as err:
@@ -155,18 +162,30 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 def write_texts_atomic(texts: dict[str | os.PathLike, str]) -> None:
     """Write several UTF-8 text files that belong together (a report's CSV and JSON).
 
-    Every file is written in full before any is renamed into place, so a full disk or a file-size
-    limit while writing leaves all of the previous files as they were (before, a failed JSON left a
-    new CSV beside the old JSON). Each file's size is checked before the renames.
+    Every file is written, fsynced and size-checked before any is renamed into place, so a full disk
+    (also one that only shows at fsync, as on NFS) or a file-size limit leaves all of the previous
+    files as they were (before, a failed JSON left a new CSV beside the old JSON). Only a failing
+    rename between two others could still split them; renames within a folder do not fail for space.
     """
-    with contextlib.ExitStack() as stack:
+    staged: list[tuple[Path, Path]] = []
+    try:
         for target, text in texts.items():
             data = text.encode("utf-8")
-            # entered in order, left in reverse: every write happens before the first rename, and a
-            # failed write reaches every open context (each removes its temporary file)
-            tmp = stack.enter_context(atomic_path(target, verify=_size_check(target, len(data)),
-                                                  allow_empty=not data))
-            tmp.write_bytes(data)
+            with atomic_path(target, verify=_size_check(target, len(data)), allow_empty=not data,
+                             stage=staged) as tmp:
+                tmp.write_bytes(data)
+        while staged:
+            tmp, target = staged[0]
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                raise write_failure(target, err) from None
+            staged.pop(0)
+            _fsync_dir(target.parent)
+    finally:
+        for tmp, _ in staged:  # not renamed: an earlier file failed
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _size_check(target: str | os.PathLike, n: int) -> Callable[[Path], None]:
