@@ -718,24 +718,24 @@ def test_json_files_are_strict_json(tmp_path):
 
 
 def test_report_pair_survives_a_full_disk_found_only_at_fsync(tmp_path, monkeypatch):
-    """NFS and delayed allocation report ENOSPC at fsync: the second file failing there must not
-    leave the first renamed into place (both previous files stay, no temporary file is left)."""
+    """NFS and delayed allocation report ENOSPC at fsync: the first file failing there must not
+    leave the second renamed into place (both previous files stay, no temporary file is left)."""
     import errno
 
     from utils.fileio import write_texts_atomic
 
-    a, b = tmp_path / "r.json", tmp_path / "r.csv"
-    write_texts_atomic({a: "old json\n", b: "old csv\n"})
+    a, b = tmp_path / "r.csv", tmp_path / "r.json"  # the order evaluate.py writes them in
+    write_texts_atomic({a: "old csv\n", b: "old json\n"})
     real_fsync = os.fsync
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".csv"):  # the temporary of the second file
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".csv"):  # the temporary of the first file
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(InputError, match="r.csv: cannot write output"):
-        write_texts_atomic({a: "new json\n", b: "new csv\n"})
+        write_texts_atomic({a: "new csv\n", b: "new json\n"})
     monkeypatch.undo()
-    assert (a.read_text(), b.read_text()) == ("old json\n", "old csv\n")
+    assert (a.read_text(), b.read_text()) == ("old csv\n", "old json\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
