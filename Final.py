@@ -162,8 +162,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="checkpoint file/folder, or bare --resume / 'auto' for OUT's last checkpoint")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that already holds this view's checkpoints (they are "
-                        "replaced as the new run saves); without it such a start is refused")
+                   help="start afresh (or from --resume PATH) in an --out that already holds this view's "
+                        "checkpoints: they, its history and summary are removed when training starts; "
+                        "without it such a start is refused")
     g.add_argument("--time-budget", type=float, default=0.0, help="stop after this many minutes (0: off)")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
     g.add_argument("--val-batch", type=int, default=16, help="slices per validation forward pass")

@@ -77,12 +77,14 @@ def check_existing_run(opts: TrainOptions) -> None:
         InputError: naming the existing checkpoint.
     """
     out = Path(opts.out)
-    existing = [out / n for n in (last_name(opts.view), best_name(opts.view)) if (out / n).is_file()]
+    last, best = out / last_name(opts.view), out / best_name(opts.view)
+    existing = [f for f in (last, best) if f.is_file()]
     if not existing or opts.overwrite or opts.resume == "auto":
         return
     if opts.resume:
-        own = {out.resolve(), (out / last_name(opts.view)).resolve()}
-        if Path(opts.resume).resolve() in own:
+        if last.is_file():  # find_resume continues this run (a requeued job passes --resume X again)
+            return
+        if Path(opts.resume).resolve() in {out.resolve(), best.resolve()}:
             return
         what = f"--resume {opts.resume} would continue another run into it"
     else:
@@ -92,17 +94,26 @@ def check_existing_run(opts: TrainOptions) -> None:
 
 
 def find_resume(opts: TrainOptions) -> Path | None:
-    """The checkpoint ``--resume`` names (None: no resume, or ``auto`` without a last checkpoint)."""
+    """The checkpoint to continue from (None: no resume, or ``auto`` without a last checkpoint).
+
+    ``--resume PATH`` starts a run from PATH; once ``--out`` holds this run's own last checkpoint
+    (a preempted job requeued by Final.sh, which passes the same ``--resume PATH`` again), the run
+    continues from that one instead, unless ``--overwrite`` asks to start over.
+    """
     if not opts.resume:
         return None
+    own = Path(opts.out) / last_name(opts.view)
     if opts.resume == "auto":
-        p = Path(opts.out) / last_name(opts.view)
-        return p if p.is_file() else None
+        return own if own.is_file() else None
     p = Path(opts.resume)
     if p.is_dir():
         p = p / last_name(opts.view)
     if not p.is_file():
         raise InputError(p, "checkpoint to resume from does not exist")
+    if own.is_file() and not opts.overwrite and p.resolve() != own.resolve():
+        log.info(f"note: {own} exists: continuing this run from it (--resume {opts.resume} starts a "
+                 "run; --overwrite starts over from it)")
+        return own
     return p
 
 

@@ -447,11 +447,26 @@ class Trainer:
     def _open_records(self, run_log: RunLog | None) -> None:
         """Create the output folder; ``train.log`` and ``args_{view}.json`` in it (rank 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self._clear_overwritten()
         if run_log is not None:
             run_log.open_file(self.out / "train.log")
         write_run_record(self.out / f"args_{self.opts.view}.json", self.opts.to_dict(),
                          {"world": self.dist.world, "device": str(self.device), "start_step": self.step})
         self._carry_best_over()
+
+    def _clear_overwritten(self) -> None:
+        """``--overwrite``: remove this view's checkpoints, history and summary of the run being
+        replaced, now that every check has passed. Left in place, its best checkpoint survived until
+        validation beat the new run's restored best score (maybe never), and segment.py served it."""
+        if not self.opts.overwrite:
+            return
+        if self.resumed_from is not None and self.resumed_from.parent.resolve() == self.out.resolve():
+            return  # --overwrite --resume auto: continuing this very run, nothing is replaced
+        view = self.opts.view
+        for name in (best_name(view), last_name(view), f"history_{view}.csv", f"train_summary_{view}.json"):
+            if (self.out / name).is_file():
+                (self.out / name).unlink()
+                log.info(f"--overwrite: removed {self.out / name} of the run this one replaces")
 
     def _carry_best_over(self) -> None:
         """Resumed from another folder's checkpoint: bring that run's best checkpoint along.

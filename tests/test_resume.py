@@ -292,10 +292,12 @@ def test_resume_of_a_finished_run_keeps_its_summary_and_notes_other_changes(tiny
         assert part in notes, notes
 
 
-def test_a_fresh_run_does_not_replace_a_finished_run(tiny_data, tiny_runs, tmp_path):
+def test_a_fresh_run_does_not_replace_a_finished_run(tiny_data, tiny_runs, tmp_path, capsys):
     """A fresh start in an --out holding this view's checkpoints replaced them (and the history)
-    silently. Refused, naming the checkpoint, with nothing touched; --resume auto continues it and
-    --overwrite starts over."""
+    silently: refused, naming the checkpoint, nothing touched. --resume auto continues the run; so
+    does --resume OTHER once the run has its own last checkpoint (a requeued Final.sh job passes the
+    same --resume again). --overwrite starts over and removes what it replaces: the old best
+    checkpoint outlived it (until validation beat the restored score) and segment.py served it."""
     import shutil
 
     from utils.fileio import sha256_file as sha256_of
@@ -303,16 +305,25 @@ def test_a_fresh_run_does_not_replace_a_finished_run(tiny_data, tiny_runs, tmp_p
     out = tmp_path / "run"
     shutil.copytree(tiny_runs["sup"], out)
     before = {f.name: sha256_of(f) for f in out.iterdir() if f.is_file()}
-    other = tmp_path / "other" / LAST
-    other.parent.mkdir()
-    shutil.copy(out / LAST, other)
-    for extra in ({}, {"resume": str(other)}):
-        with pytest.raises(InputError, match=r"--out already holds checkpoints of view axial") as err:
-            fit(train_options(tiny_data, out, semi=False, **extra))
-        assert err.value.path == str(out / LAST)
+    with pytest.raises(InputError, match=r"--out already holds checkpoints of view axial") as err:
+        fit(train_options(tiny_data, out, semi=False))
+    assert err.value.path == str(out / LAST)
     assert {f.name: sha256_of(f) for f in out.iterdir() if f.is_file()} == before
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_runs["semi"], other)
+    summary = fit(train_options(tiny_data, out, semi=False, resume=str(other)))
+    assert summary["steps"] == 4
+    assert f"note: {out / LAST} exists: continuing this run" in capsys.readouterr().out
+    assert sha256_of(out / "resu_best_axial.pth.tar") == before["resu_best_axial.pth.tar"]
+
+    # over from OTHER with lr 0: validation cannot beat OTHER's restored best, so the best checkpoint
+    # here must be OTHER's (carried over), not the replaced run's
+    fit(train_options(tiny_data, out, semi=False, overwrite=True, resume=str(other / LAST), epochs=3,
+                      lr=0.0))
+    assert sha256_of(out / "resu_best_axial.pth.tar") == sha256_of(other / "resu_best_axial.pth.tar")
     summary = fit(train_options(tiny_data, out, semi=False, overwrite=True, epochs=1))
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and load_checkpoint(out / LAST)["step"] == 2
 
 
 def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(tiny_data, tiny_runs, tmp_path):
