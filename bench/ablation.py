@@ -144,6 +144,10 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+# Options that do not change what a run trains (where it writes, how it reports, loader processes)
+_NOT_TRAINING = frozenset({"out", "resume", "overwrite", "progress", "tensorboard", "workers"})
+
+
 def _final_defaults() -> dict[str, Any]:
     """Final.py's defaults now, as JSON values. A command leaves most settings to them, so the same
     command after a default changed (e.g. --cutmix-pairs in 4f6627f) trains something else."""
@@ -152,10 +156,26 @@ def _final_defaults() -> dict[str, Any]:
     return json.loads(json.dumps(asdict(TrainOptions()), default=str))
 
 
+def _same_defaults(stored: dict[str, Any] | None) -> bool:
+    """Whether a run stamped with ``stored`` defaults trained what today's defaults train.
+
+    Compared on the options both know, leaving out those that do not change training: an option
+    added since (``--overwrite``) must not make every finished run look different. One added with a
+    default other than the old behaviour has its old value in ``engine.resume.LEGACY_ARGS``.
+    """
+    from engine.resume import LEGACY_ARGS
+
+    if not isinstance(stored, dict):
+        return False
+    now = _final_defaults()
+    then = {**LEGACY_ARGS, **stored}
+    return all(then[k] == now[k] for k in now.keys() & then.keys() if k not in _NOT_TRAINING)
+
+
 def _finished(out: Path, cmd: list[str]) -> bool:
     try:
         stamp = json.loads((out / RUN_STAMP).read_text())
-        same = stamp["command"] == cmd[1:] and stamp.get("final_defaults") == _final_defaults()
+        same = stamp["command"] == cmd[1:] and _same_defaults(stamp.get("final_defaults"))
         summary = json.loads((out / f"train_summary_{VIEW}.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return False

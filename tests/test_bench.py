@@ -484,3 +484,9 @@ def test_reuse_needs_the_same_command_and_the_same_final_py_defaults(tmp_path):
     assert not _finished(run, cmd)
     stamp()  # written before the defaults were recorded
     assert not _finished(run, cmd)
+    # an option added since that does not change training (--overwrite) keeps the run reusable;
+    # so does one that a stamp lacks but whose default is the old behaviour
+    stamp(final_defaults={k: v for k, v in _final_defaults().items() if k not in ("overwrite", "fp")})
+    assert _finished(run, cmd)
+    stamp(final_defaults={k: v for k, v in _final_defaults().items() if k != "cutmix_pairs"})
+    assert not _finished(run, cmd)  # no record means index pairing (engine.resume.LEGACY_ARGS)
