@@ -80,12 +80,13 @@ class Geometry:
 
     def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
         """True when both grids coincide: shape exact; spacing and direction within ``tol``; origins
-        within ``100 * tol`` of the smallest voxel size (a hundredth of a voxel by default), plus the
-        float32 rounding of a header's position (1e-6 relative).
+        within ``100 * tol`` of a voxel along each index axis (a hundredth of a voxel by default),
+        plus the float32 rounding of a header's position (1e-6 of its distance from the world origin).
 
-        The origin tolerance is in voxels, not relative to the position: relative to it, two label
-        maps 1e6 mm from the world origin matched 50 mm apart, and at a scanner's usual -1500 mm a
-        0.14 mm shift passed.
+        The origin tolerance is in voxels of each axis, not relative to the position: relative to it,
+        two label maps 1e6 mm from the world origin matched 50 mm apart, and at a scanner's usual
+        -1500 mm a 0.14 mm shift passed. Per axis, so that 5 mm slices allow 0.05 mm along them (a
+        label written by another tool from the same series) while 0.7 mm pixels allow 0.007 mm.
         """
         if self.shape != other.shape:
             return False
@@ -93,9 +94,11 @@ class Geometry:
                 and np.allclose(self.direction, other.direction, atol=tol)):
             return False
         a, b = np.asarray(self.origin, dtype=np.float64), np.asarray(other.origin, dtype=np.float64)
-        voxel = float(np.min(np.abs(np.asarray(self.spacing, dtype=np.float64))))
-        bound = 100 * tol * voxel + 1e-6 * np.maximum(np.abs(a), np.abs(b))
-        return bool(np.all(np.abs(a - b) <= bound))
+        d = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)  # column j: index axis j
+        along = np.abs(d.T @ (a - b))  # the shift in mm along each index axis
+        spacing = np.abs(np.asarray(self.spacing, dtype=np.float64))
+        bound = 100 * tol * spacing + 1e-6 * max(np.linalg.norm(a), np.linalg.norm(b))
+        return bool(np.all(along <= bound))
 
     def describe(self) -> str:
         sp = ", ".join(f"{s:.4g}" for s in self.spacing)

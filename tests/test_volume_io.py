@@ -151,6 +151,10 @@ def test_same_grid_tolerates_header_rounding_not_shifts_far_from_the_world_origi
     assert not geo(-1500.0).same_grid(geo(-1500.14))
     assert not geo(1e6).same_grid(geo(1e6 + 50.0))
     assert not geo(0.0).same_grid(geo(0.05))
+    # per axis: 5 mm slices allow 0.01 mm along them, 0.7 mm pixels do not allow it across
+    thick = Geometry((4, 8, 8), (0.7, 0.7, 5.0), (0.0, 0.0, -300.0))
+    assert thick.same_grid(Geometry((4, 8, 8), (0.7, 0.7, 5.0), (0.0, 0.0, -300.01)))
+    assert not thick.same_grid(Geometry((4, 8, 8), (0.7, 0.7, 5.0), (0.01, 0.0, -300.0)))
 
 
 def test_read_error_names_a_gzip_file_without_gz_and_hides_object_addresses(tmp_path):
