@@ -58,10 +58,15 @@ MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 GRACE=${GRACE:-170}
 EXIT_REQUEUE=3  # engine/preempt.py
 # bash arithmetic below would read "2x" as an error and go on with one process
-for name in NNODES GPUS_PER_NODE MASTER_PORT GRACE; do
-  value=${!name}
-  if [[ ! "$value" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: $name: must be a whole number >= 1, got '$value'" >&2
+for name in NNODES MASTER_PORT; do
+  if [[ ! "${!name}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $name: must be a whole number >= 1, got '${!name}'" >&2
+    exit 2
+  fi
+done
+for name in GPUS_PER_NODE GRACE; do  # 0 GPUs (a CPU node) runs one process; a grace of 0 is allowed
+  if [[ ! "${!name}" =~ ^[0-9]+$ ]]; then
+    echo "error: $name: must be a whole number >= 0, got '${!name}'" >&2
     exit 2
   fi
 done

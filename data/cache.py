@@ -29,7 +29,11 @@ replaced file has a new inode. The cost: a change of metadata alone (chmod, chow
 with the same times) or a copy of the data folder (new inodes, new ctimes; a moved folder also has a
 new path) rebuilds the entries of the files concerned once. Reading a file changes neither, so an
 untouched dataset keeps its entries across runs. Shared file systems (NFS, Lustre) report the
-server's inode numbers and ctimes, so the nodes of a multi-node run compute the same keys.
+server's inode numbers and ctimes, so the nodes of a multi-node run compute the same keys. Not so
+for data staged to each node's local disk (``rsync -a``) with one shared ``--cache``: every node's
+copy has its own inodes, so each node keys (and builds) its own entries; give each node its own
+``--cache`` there, or read the data from the shared file system. FUSE mounts that invent inode
+numbers per mount rebuild the cache on every run.
 """
 
 from __future__ import annotations

@@ -301,11 +301,12 @@ def _raw_pixdim(path: Path) -> tuple[float, float, float] | None:
 def _check_qform_sform(path: Path, header) -> None:
     """Refuse a NIfTI whose qform and sform place the voxels differently.
 
-    Readers disagree on which one wins: ITK (hence SimpleITK and this project) reads the qform when
-    both are set, nibabel, FSL and most viewers the sform. A label map written from such a file
-    would line up with its image in one tool and lie elsewhere in another (the sform of a file
-    shifted by 30 mm, or sheared, was silently dropped). Tolerance: 1e-3 of the smallest voxel size
-    in position, 1e-4 in the direction/scale part (headers store float32).
+    Readers choose between them differently: ITK (hence SimpleITK and this project) by the transform
+    codes (with sform_code 2 it reads the qform, with 1 the sform), nibabel, FSL and most viewers the
+    sform. A label map written from such a file lines up with its image in some tools and lies
+    elsewhere in others (a file whose sform was shifted 30 mm, or sheared, was read by its qform
+    without a word). Tolerance: 1e-3 of the smallest voxel size in position, 1e-4 in the
+    direction/scale part (headers store float32).
     """
     try:
         qcode, scode = int(header["qform_code"]), int(header["sform_code"])
@@ -322,8 +323,9 @@ def _check_qform_sform(path: Path, header) -> None:
     linear = float(np.abs(q[:3, :3] - s[:3, :3]).max() / max(np.abs(q[:3, :3]).max(), 1e-12))
     if shift > 1e-3 * step or linear > 1e-4:
         raise InputError(path, f"its qform and sform disagree (by {shift:.4g} mm in position, "
-                         f"{linear:.2g} relative in orientation/spacing): ITK reads the qform, most other "
-                         "tools the sform; set one to the other (or its code to 0) and rerun")
+                         f"{linear:.2g} relative in orientation/spacing): tools choose between them "
+                         "differently (ITK by their codes, most others the sform); make them agree, or set "
+                         "the wrong one's code to 0, and rerun")
 
 
 def check_nifti_header(path: str | Path) -> None:

@@ -104,6 +104,19 @@ def peer_stopped(err: BaseException) -> bool:
         s in str(err) for s in PEER_GONE)
 
 
+def _stdout_closed() -> bool:
+    """Whether our stdout is a pipe whose reader has gone (poll reports an error on its write end;
+    a zero-length write would not)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a script's ``main`` and exit; bad input becomes one line on stderr and exit code 2."""
     try:
@@ -122,8 +135,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         if peer_stopped(err):
             # under torchrun a rank that finds bad input exits with its one line; the others then
             # fail in their next collective: one line each, not a traceback that hides the cause
+            # the collective's own first line too: where the failing rank's error is itself a
+            # distributed one (an NCCL fault), no other line names the cause
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             print(f"error: rank {os.environ.get('RANK', '?')}: another rank stopped (see its error line); "
-                  "stopping too", file=sys.stderr)
+                  f"stopping too ({cause})", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         if "Failed to allocate memory" not in str(err):  # SimpleITK's MemoryError
             raise
@@ -131,6 +147,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
               "the header and the grid flags)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a subprocess, a worker): not the reader of our output going away
         # whoever read our output went away (``| head``): stop as other command-line tools do, without
         # a traceback; stdout goes to /dev/null so that the interpreter's final flush cannot fail too
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -112,9 +112,11 @@ def training_line(summary: dict[str, Any] | None) -> str:
     """One line on what was trained (steps, stop reason, the weights served), loud when cut short."""
     if not summary:
         return "Training summary: not found."
+    best = summary.get("best_score")  # null in the JSON when no validation ran (non-finite)
+    score = f"{best:.4f}" if isinstance(best, (int, float)) else "none yet"
     line = (f"Trained {summary.get('steps')} of {summary.get('total_steps')} steps "
             f"(stop: {summary.get('stop')}); best checkpoint serves the {summary.get('served', 'student')} "
-            f"weights (validation score {summary.get('best_score', 0):.4f}).")
+            f"weights (validation score {score}).")
     if summary.get("stop") != "done":
         line = (f"**WARNING: training stopped early ({summary.get('stop')}): results are not the "
                 "preset's.** " + line)
