@@ -46,3 +46,16 @@ def test_portable_settings_reach_this_process(monkeypatch: pytest.MonkeyPatch,
     assert "UNRELATED" not in env_now
     # torch is loaded in the test process: the settings cannot take effect, and the demo says so
     assert "torch was loaded" in capsys.readouterr().out
+
+
+def test_training_line_reads_the_summary_and_a_null_best_score() -> None:
+    """The summary JSON writes a non-finite best score (no validation yet) as null: the report line
+    must still be written (it raised TypeError on format)."""
+    from utils.report import training_line
+
+    done = {"steps": 640, "total_steps": 640, "stop": "done", "served": "ema", "best_score": 0.78714}
+    assert training_line(done) == ("Trained 640 of 640 steps (stop: done); best checkpoint serves the ema "
+                                   "weights (validation score 0.7871).")
+    early = {**done, "steps": 3, "stop": "preempted", "best_score": None}
+    line = training_line(early)
+    assert line.startswith("**WARNING: training stopped early (preempted)") and "validation score none yet" in line
