@@ -58,4 +58,5 @@ def test_training_line_reads_the_summary_and_a_null_best_score() -> None:
                                    "weights (validation score 0.7871).")
     early = {**done, "steps": 3, "stop": "preempted", "best_score": None}
     line = training_line(early)
-    assert line.startswith("**WARNING: training stopped early (preempted)") and "validation score none yet" in line
+    assert line.startswith("**WARNING: training stopped early (preempted)")
+    assert "validation score none yet" in line
