@@ -78,20 +78,22 @@ class InplanePlan:
         return array[..., t:array.shape[-2] - b, lft:array.shape[-1] - r]
 
 
-# The in-plane steps never need slices much larger than both the input's and the grid's: ~64x more is
+# The in-plane steps never need slices vastly larger than both the input's and the grid's: far more is
 # a header's spacing in the wrong unit (1e6 mm pixels), whose padding or resampling would ask for
-# terabytes before failing with an allocation error.
-MAX_SLICE_GROWTH = 64
+# terabytes before failing with an allocation error. Generous: 64x per axis (11 mm phantom pixels
+# resampled to 1 mm are 121x in area), and no slice beyond 8192 x 8192 pixels (256 MB in float32).
+MAX_SLICE_GROWTH = 64 * 64
+MAX_SLICE_PIXELS = 2**26
 
 
 def _check_size(plan: InplanePlan, grid_pixels: int) -> InplanePlan:
-    limit = MAX_SLICE_GROWTH * max(plan.source[0] * plan.source[1], grid_pixels)
+    limit = min(MAX_SLICE_GROWTH * max(plan.source[0] * plan.source[1], grid_pixels), MAX_SLICE_PIXELS)
     for what, (r, c) in (("padded", plan.padded), ("resampled", plan.resized)):
         if r * c > limit:
             src_r, src_c = plan.source
             raise InputError(None, f"in-plane {what} slices would be {r} x {c} pixels from {src_r} x "
-                             f"{src_c} (more than {MAX_SLICE_GROWTH}x the input and the grid): check the "
-                             "voxel spacing in the header")
+                             f"{src_c} (more than {MAX_SLICE_GROWTH}x the input and the grid, or 8192 x "
+                             "8192): check the voxel spacing in the header")
     return plan
 
 
@@ -120,7 +122,8 @@ def plan_inplane(shape: Sequence[int], spacing: Sequence[float], grid: Sequence[
     Raises:
         ValueError: empty shape or grid, non-positive spacing.
         InputError: (without a file; see ``utils.errors.naming``) slices more than
-            :data:`MAX_SLICE_GROWTH` times the input's and the grid's pixels.
+            :data:`MAX_SLICE_GROWTH` times the input's and the grid's pixels, or more than
+            :data:`MAX_SLICE_PIXELS`.
     """
     n_p, n_l = int(shape[-2]), int(shape[-1])
     s_x, s_y = float(spacing[0]), float(spacing[1])

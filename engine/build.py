@@ -159,10 +159,32 @@ def prepare_data(opts: TrainOptions, config: Config, dist: DistInfo) -> RunData:
                                   progress=dist.is_main and opts.progress_bars)
     if dist.enabled and dist.is_main:
         torch.distributed.barrier()
+    _note_cropped_organs(vols["labeled"] + vols["validation"], config)
     log.info(f"data: {len(vols['labeled'])} labeled, {len(vols['validation'])} validation, "
              f"{len(vols['unlabeled'])} unlabeled volumes from "
              f"{sorted({c.dataset for c in cases})}; cache {cache_dir}")
     return RunData(vols, semi)
+
+
+# An organ of which the cached grid keeps less than this share of the source's volume was cropped
+CROPPED = 0.5
+
+
+def _note_cropped_organs(volumes: list, config: Config) -> None:
+    """Say which labeled organs the in-plane grid cuts away (``--spacing``/``--inplane`` too small a
+    field of view, or ``--spacing`` too coarse): training and validation then silently scored what
+    was left, e.g. a liver Dice of 0 on grids that held no liver."""
+    cropped: dict[str, list[float]] = {}
+    for vol in volumes:
+        for organ, kept in (vol.meta.get("organ_kept") or {}).items():
+            if kept < CROPPED:
+                cropped.setdefault(organ, []).append(kept)
+    if cropped:
+        what = "; ".join(f"{organ} in {len(k)} case(s), down to {100 * min(k):.0f} %"
+                         for organ, k in sorted(cropped.items()))
+        log.info(f"note: the in-plane grid ({config.inplane_size[0]} x {config.inplane_size[1]}, spacing "
+                 f"{config.inplane_spacing or 'padded'}) keeps less than {CROPPED:.0%} of labeled organs' "
+                 f"volume: {what}; check --inplane and --spacing")
 
 
 def model_args_of(opts: TrainOptions, config: Config) -> dict[str, Any]:

@@ -257,3 +257,36 @@ def test_dicom_folder_identity_covers_each_file(tmp_path):
     data[-1] ^= 0xFF  # a pixel of the last row
     _rewrite_in_place(one, bytes(data))
     assert cache_key(case, CONFIG) != key
+
+
+def test_organ_kept_is_the_share_of_each_organs_volume_the_grid_keeps(caplog):
+    """Hand-computed: liver 8 voxels of 1 mm³ in the source, 1 voxel of 4 mm³ cached (half kept);
+    spleen 2 voxels kept as 1 of 4 mm³ (all of it, in mm³); kidney not labeled in the source."""
+    import logging
+
+    from data.cache import organ_kept
+    from engine.build import _note_cropped_organs
+
+    src = np.zeros((2, 4, 4), np.uint8)
+    src[0, :2, :] = 1  # liver: 8 voxels
+    src[1, 0, :2] = 3  # spleen: 2 voxels
+    dst = np.zeros((2, 2, 2), np.uint8)
+    dst[0, 0, 0] = 1
+    dst[1, 1, 1] = 3
+    kept = organ_kept(src, (1.0, 1.0, 1.0), dst, (2.0, 2.0, 1.0), ["liver", "kidney", "spleen"])
+    assert kept == {"liver": 0.5, "spleen": 2.0}
+
+    class Vol:  # what _note_cropped_organs reads of a cache entry
+        def __init__(self, kept):
+            self.meta = {"organ_kept": kept}
+
+    from data.config import load_config
+
+    config = load_config()
+    with caplog.at_level(logging.INFO, logger="unimos"):
+        _note_cropped_organs([Vol({"liver": 0.2, "spleen": 1.0}), Vol({"liver": 0.95}), Vol(None)], config)
+    assert "keeps less than 50% of labeled organs' volume: liver in 1 case(s), down to 20 %" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="unimos"):
+        _note_cropped_organs([Vol({"liver": 0.95})], config)
+    assert "keeps less than" not in caplog.text

@@ -241,3 +241,9 @@ def test_plan_refuses_slices_far_larger_than_input_and_grid(spacing_mm):
     # legitimate extremes pass: a 0.5 mm grid from 5 mm pixels, a 1:8 field of view padded square
     plan_inplane((64, 64), (5.0, 5.0, 1.0), (256, 256), spacing_mm=0.5)
     plan_inplane((64, 512), (1.0, 1.0, 1.0), (256, 256))
+
+
+def test_plan_allows_strong_but_real_upsampling():
+    """Coarse pixels (11 mm, a small phantom) resampled to 1 mm grow 121x in area: allowed."""
+    plan = plan_inplane((23, 32), (11.25, 11.25, 5.0), (32, 32), spacing_mm=1.0)
+    assert plan.resized == (259, 360)
