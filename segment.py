@@ -126,13 +126,14 @@ def _ground_truths(args, jobs: list, geometries: dict, eval_config) -> tuple:
 
     Raises:
         InputError: a missing ground truth, one file for a folder of inputs, a case without ground
-            truth, two ground truths with one case key, or a ground truth on another grid.
+            truth, two ground truths with one case key, a ground truth on another grid or with bad
+            values.
     """
     from pathlib import Path
 
     from data.layout import index_by_key
-    from data.volume import read_geometry, same_physical_grid
-    from inference.evaluation import case_key, class_spec, list_volume_files
+    from data.volume import read_geometry, read_volume, same_physical_grid
+    from inference.evaluation import case_key, check_ground_truth, class_spec, list_volume_files
     from utils.errors import InputError
 
     gts: dict[Path, Path] = {}
@@ -156,6 +157,10 @@ def _ground_truths(args, jobs: list, geometries: dict, eval_config) -> tuple:
     for src, gt in gts.items():  # the same voxels, possibly in another index order
         if not same_physical_grid(read_geometry(gt), geometries[src]):
             raise InputError(gt, f"ground truth grid differs from the input {src}")
+    # and their values, read now: a bad one found while scoring stopped the run after its
+    # segmentation had been written
+    for gt in gts.values():
+        check_ground_truth(read_volume(gt), spec, gt)
     return spec, gts
 
 

@@ -186,6 +186,21 @@ def to_eval_space(array: np.ndarray, values: Sequence[int | Sequence[int]], path
     return lut[a]
 
 
+def check_ground_truth(gt: Volume, spec: ClassSpec, gt_path: Path) -> None:
+    """The value checks :func:`score_volumes` makes on a ground truth, without a prediction: run
+    before any work (segment.py --evaluating), so a bad ground truth stops the run before outputs
+    are written rather than after.
+
+    Raises:
+        InputError: non-integer or undeclared label values (names the file).
+    """
+    _check_integer_labels(gt.array, gt_path)
+    if spec.gt_dataset is not None:
+        to_eval_space(spec.config.map_labels(spec.gt_dataset, gt.array, gt_path), spec.gt_values, gt_path)
+    else:
+        to_eval_space(gt.array, spec.gt_values, gt_path, spec.allowed)
+
+
 def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
                   gt_path: Path) -> dict[str, dict[str, float]]:
     """Per-organ metrics of a prediction volume against a ground-truth volume.

@@ -256,6 +256,15 @@ def segment_gt_mismatch(tmp: Path, fx: dict) -> Setting:
     return Setting(argv, gt, tmp / "out")
 
 
+def segment_gt_undeclared(tmp: Path, fx: dict) -> Setting:
+    """A ground truth with a value no organ has: refused before segmenting (it was found while
+    scoring, after the segmentation had been written)."""
+    gt = tmp / "gt.nii.gz"
+    undeclared_label(gt, label=True)
+    argv = _segment(tmp, _good_ct(tmp), fx["ckpt"], None, "--evaluating", "--label_filename", str(gt))
+    return Setting(argv, gt, tmp / "out")
+
+
 def _evaluate_pair(tmp: Path) -> tuple[Path, Path]:
     pred, gt = tmp / "pred", tmp / "gt"
     pred.mkdir()
@@ -359,6 +368,7 @@ CASES: list[tuple[str, Callable[[Path, dict], Setting], bool]] = [
     ("segment-foreign-checkpoint", segment_checkpoint("foreign"), True),
     ("segment-unwritable-out", segment_unwritable_out, False),
     ("segment-gt-shape", segment_gt_mismatch, False),
+    ("segment-gt-undeclared", segment_gt_undeclared, True),
     *[(f"final-image-{k}", final_broken(k, "image"), False) for k in BREAKERS],
     ("final-label-truncated", final_broken("truncated", "label"), False),
     ("final-label-shape", final_broken("other_shape", "label"), False),
