@@ -105,6 +105,7 @@ class History:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None  # closing twice (the run's normal end, then its finally) is harmless
 
 
 def _fmt(v: Any) -> Any:

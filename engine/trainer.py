@@ -128,6 +128,7 @@ class Trainer:
         self.slices_seen, self.window_t0 = 0, time.time()
         self.lab_iter = self.unl_iter = None
         self.resumed_from: Path | None = None
+        self.lock: Path | None = None  # rank 0's lock on this view's files in --out
 
     # ---- set-up
 
@@ -234,12 +235,18 @@ class Trainer:
                 self._loop(preempt)
             finally:
                 preempt.uninstall()
+            self.close_loaders()
+            self.history.close()
+            return self._summary()  # written while the lock is still held
         finally:
             self.close_loaders()
             self.history.close()
+            if self.lock is not None:
+                from utils.fileio import release_run_lock
+
+                release_run_lock(self.lock)
             if opts.workers > 0:
                 gc.unfreeze()  # an in-process caller (tests, notebooks) gets its collector back
-        return self._summary()
 
     def close_loaders(self) -> None:
         """Stop the loader workers now (also when the run ends with an error).
@@ -446,7 +453,11 @@ class Trainer:
 
     def _open_records(self, run_log: RunLog | None) -> None:
         """Create the output folder; ``train.log`` and ``args_{view}.json`` in it (rank 0)."""
+        from utils.fileio import acquire_run_lock
+
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = acquire_run_lock(self.out / f".run_{self.opts.view}.lock",
+                                     f"--out's {self.opts.view} training")
         self._clear_overwritten()
         if run_log is not None:
             run_log.open_file(self.out / "train.log")

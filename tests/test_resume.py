@@ -338,3 +338,38 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(tiny_data, 
     fit(train_options(tiny_data, out, semi=False, resume=str(src / LAST), epochs=3, lr=0.0))
     best = out / "resu_best_axial.pth.tar"
     assert sha256_file(best) == sha256_file(src / "resu_best_axial.pth.tar")
+
+
+def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data, tmp_path):
+    """Two runs started in one --out wrote over each other's checkpoints and history, both exiting 0.
+    A live holder (here a sleeping process of this machine) refuses the second; a lock left by a dead
+    process, or by this Slurm job before its requeue, is taken over; the run removes its own lock."""
+    import json
+
+    from utils.fileio import _proc_start
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".run_axial.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from utils.fileio import _HOST
+
+        lock.write_text(json.dumps({"host": _HOST, "pid": holder.pid, "start": _proc_start(holder.pid),
+                                    "since": "today"}))
+        with pytest.raises(InputError, match=r"\.run_axial\.lock: --out's axial training is in use by "
+                                             rf"another run \(host {_HOST}, pid {holder.pid}"):
+            fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1))
+        assert not list(out.glob("*.pth.tar"))
+    finally:
+        holder.kill()
+        holder.wait()
+    fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1))  # the holder is gone
+    assert not lock.exists() and (out / LAST).is_file()
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "77"}))
+    os.environ["SLURM_JOB_ID"] = "77"  # the same job, requeued on another node
+    try:
+        fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+    assert not lock.exists()

@@ -239,6 +239,76 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _proc_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid, it
+    names one process, where a pid alone may have been reused since."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return None
+
+
+def _lock_is_stale(holder: dict[str, Any]) -> bool:
+    if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+        return True  # this Slurm job before its requeue (possibly on another node)
+    if holder.get("host") != _HOST:
+        return False  # another machine's process: it cannot be checked from here
+    pid = holder.get("pid")
+    if pid == os.getpid():
+        return True
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return True
+    start = holder.get("start")
+    return start is not None and _proc_start(pid) != start  # the pid now belongs to another process
+
+
+def acquire_run_lock(path: str | os.PathLike, what: str) -> Path:
+    """Take the lock file ``path`` for this process, or refuse because a live run holds it.
+
+    Two runs started in one output folder wrote over each other's checkpoints and history, both
+    exiting 0. The lock names host, pid (with the process's start time, so a reused pid is not taken
+    for the holder) and Slurm job. A lock left by a killed process on this machine, or by this Slurm
+    job before its requeue, is taken over; one from another machine is not, as it cannot be checked.
+
+    Returns:
+        The lock path (give it to :func:`release_run_lock`).
+
+    Raises:
+        InputError: naming the lock file and its holder.
+    """
+    path = Path(path)
+    me = {"host": _HOST, "pid": os.getpid(), "start": _proc_start(os.getpid()),
+          "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}  # half-written by a process killed at that moment
+            if not isinstance(holder, dict) or _lock_is_stale(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise InputError(path, f"{what} is in use by another run (host {holder.get('host')}, pid "
+                             f"{holder.get('pid')}, since {holder.get('since')}): wait for it to end, or "
+                             "delete this file if that run is gone") from None
+        except OSError as err:
+            raise InputError(path, f"cannot create the run lock ({err.strerror})") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me) + "\n")
+        return path
+    raise InputError(path, "cannot take the run lock (other runs keep starting here)")
+
+
+def release_run_lock(path: str | os.PathLike) -> None:
+    """Remove the lock file at ``path`` if this process holds it."""
+    path = Path(path)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
 def clean_stale_parts(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Remove temporary ``.part`` files and folders left by killed runs under ``folder``.
 
