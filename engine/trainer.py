@@ -174,7 +174,10 @@ class Trainer:
         self.pending_end = bool(loop_state.get("pending_end", False))
         self.elapsed_before = float(loop_state.get("elapsed_s", 0.0))
         self.served = str(loop_state.get("served", "student"))
-        self.history.rows = [r for r in load_history(self.history.path) if _int(r.get("step")) <= self.step]
+        # the curve of the run being continued: the checkpoint's own folder (not --out's history,
+        # which under --resume OTHER --overwrite belongs to the run being replaced)
+        source = path.parent / self.history.path.name
+        self.history.rows = [r for r in load_history(source) if _int(r.get("step")) <= self.step]
         log.info(f"resumed from {path} at step {self.step} of {self.total_steps}"
                  + (" (its epoch end is still to be logged)" if self.pending_end else ""))
         if self.step >= self.total_steps and not self.pending_end:

@@ -338,6 +338,9 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(tiny_data, 
     fit(train_options(tiny_data, out, semi=False, resume=str(src / LAST), epochs=3, lr=0.0))
     best = out / "resu_best_axial.pth.tar"
     assert sha256_file(best) == sha256_file(src / "resu_best_axial.pth.tar")
+    # and the curve goes on from the source run's (--out had none)
+    rows, ref = _history(out / "history_axial.csv"), _history(src / "history_axial.csv")
+    assert [r["step"] for r in rows] == ["2", "4", "6"] and rows[:2] == ref
 
 
 def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data, tmp_path):
