@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -369,6 +370,12 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data
         holder.wait()
     fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1))  # the holder is gone
     assert not lock.exists() and (out / LAST).is_file()
+    lock.write_text("")  # a run starting this moment has created it and not yet written it
+    with pytest.raises(InputError, match="in use by another run"):
+        fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
+    os.utime(lock, (time.time() - 120, time.time() - 120))  # ... or one killed then, long ago
+    fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
+    assert not lock.exists()
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "77"}))
     os.environ["SLURM_JOB_ID"] = "77"  # the same job, requeued on another node
     try:

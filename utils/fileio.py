@@ -285,8 +285,16 @@ def acquire_run_lock(path: str | os.PathLike, what: str) -> Path:
             try:
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):
-                holder = {}  # half-written by a process killed at that moment
-            if not isinstance(holder, dict) or _lock_is_stale(holder):
+                holder = None
+            if not isinstance(holder, dict):
+                # being written by a run starting this very moment, or left half-written by one
+                # killed then: the latter once it is a minute old
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > 60:
+                        path.unlink()
+                        continue
+                holder = {"host": "?", "pid": "?", "since": "just now"}
+            if _lock_is_stale(holder):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
