@@ -65,11 +65,15 @@ for name in NNODES MASTER_PORT; do
   fi
 done
 for name in GPUS_PER_NODE GRACE; do  # 0 GPUs (a CPU node) runs one process; a grace of 0 is allowed
-  if [[ ! "${!name}" =~ ^[0-9]+$ ]]; then
+  if [[ ! "${!name}" =~ ^(0|[1-9][0-9]*)$ ]]; then  # "08" is an error to bash arithmetic
     echo "error: $name: must be a whole number >= 0, got '${!name}'" >&2
     exit 2
   fi
 done
+if (( NNODES > 1 && GPUS_PER_NODE < 1 )); then
+  echo "error: GPUS_PER_NODE: several nodes need at least one process per node, got 0" >&2
+  exit 2
+fi
 
 ARGS=(Final.py --data "$DATA" --out "$OUT" --view "$VIEW"
       --width 64 --blocksize 224 -b 8 -s 3 --lr 5e-4 --momentum 0.9 --epochs 2500

@@ -87,13 +87,15 @@ MAX_SLICE_PIXELS = 2**26
 
 
 def _check_size(plan: InplanePlan, grid_pixels: int) -> InplanePlan:
-    limit = min(MAX_SLICE_GROWTH * max(plan.source[0] * plan.source[1], grid_pixels), MAX_SLICE_PIXELS)
+    # (a grid asked for beyond the cap keeps room for itself: --inplane goes up to 16384)
+    limit = min(MAX_SLICE_GROWTH * max(plan.source[0] * plan.source[1], grid_pixels),
+                max(MAX_SLICE_PIXELS, 4 * grid_pixels))
     for what, (r, c) in (("padded", plan.padded), ("resampled", plan.resized)):
         if r * c > limit:
             src_r, src_c = plan.source
             raise InputError(None, f"in-plane {what} slices would be {r} x {c} pixels from {src_r} x "
-                             f"{src_c} (more than {MAX_SLICE_GROWTH}x the input and the grid, or 8192 x "
-                             "8192): check the voxel spacing in the header")
+                             f"{src_c} (more than 64x per axis beyond the input and the grid, or beyond "
+                             "8192 x 8192): check the voxel spacing in the header")
     return plan
 
 

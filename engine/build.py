@@ -93,16 +93,38 @@ def check_existing_run(opts: TrainOptions) -> None:
                      "continue it with --resume auto, start over with --overwrite, or choose another --out")
 
 
-def find_resume(opts: TrainOptions) -> Path | None:
-    """The checkpoint to continue from (None: no resume, or ``auto`` without a last checkpoint).
+def _written_by_this_job(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` was saved by this Slurm job (before a requeue)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    from engine.checkpoint import load_checkpoint
 
-    ``--resume PATH`` starts a run from PATH; once ``--out`` holds this run's own last checkpoint
-    (a preempted job requeued by Final.sh, which passes the same ``--resume PATH`` again), the run
-    continues from that one instead, unless ``--overwrite`` asks to start over.
+    try:
+        return (load_checkpoint(path).get("loop") or {}).get("slurm_job") == job
+    except Exception:  # unreadable: the normal checks report it
+        return False
+
+
+def find_resume(opts: TrainOptions) -> Path | None:
+    """The checkpoint to continue from (None: start afresh).
+
+    * ``--out``'s own last checkpoint saved by this Slurm job: a requeued job (Final.sh passes the
+      same flags again) continues it, whatever ``--resume``/``--overwrite`` say; otherwise every
+      requeue of ``--overwrite`` would throw the progress away again.
+    * ``--overwrite``: from ``--resume PATH`` if given, else afresh (``--resume auto`` means nothing
+      here: Final.sh always passes it).
+    * ``--resume auto``: ``--out``'s own last checkpoint, if any.
+    * ``--resume PATH``: PATH; but once ``--out`` holds its own last checkpoint (the run was stopped
+      and started again by hand with the same flags), that one.
     """
-    if not opts.resume:
-        return None
     own = Path(opts.out) / last_name(opts.view)
+    if own.is_file() and _written_by_this_job(own):
+        if opts.resume != "auto" or opts.overwrite:
+            log.info(f"note: {own} was saved by this Slurm job before its requeue: continuing it")
+        return own
+    if not opts.resume or (opts.resume == "auto" and opts.overwrite):
+        return None
     if opts.resume == "auto":
         return own if own.is_file() else None
     p = Path(opts.resume)
@@ -171,9 +193,10 @@ CROPPED = 0.5
 
 
 def _note_cropped_organs(volumes: list, config: Config) -> None:
-    """Say which labeled organs the in-plane grid cuts away (``--spacing``/``--inplane`` too small a
-    field of view, or ``--spacing`` too coarse): training and validation then silently scored what
-    was left, e.g. a liver Dice of 0 on grids that held no liver."""
+    """Say which labeled organs the in-plane grid cuts away (``--spacing`` times ``--inplane`` too
+    small a field of view): training and validation then silently scored what was left, e.g. a
+    liver Dice of 0 on grids that held no liver. Entries cached before the check existed carry no
+    record and are not checked."""
     cropped: dict[str, list[float]] = {}
     for vol in volumes:
         for organ, kept in (vol.meta.get("organ_kept") or {}).items():
@@ -183,8 +206,8 @@ def _note_cropped_organs(volumes: list, config: Config) -> None:
         what = "; ".join(f"{organ} in {len(k)} case(s), down to {100 * min(k):.0f} %"
                          for organ, k in sorted(cropped.items()))
         log.info(f"note: the in-plane grid ({config.inplane_size[0]} x {config.inplane_size[1]}, spacing "
-                 f"{config.inplane_spacing or 'padded'}) keeps less than {CROPPED:.0%} of labeled organs' "
-                 f"volume: {what}; check --inplane and --spacing")
+                 f"{config.inplane_spacing or 'padded'}) keeps less than {100 * CROPPED:.0f} % of labeled "
+                 f"organs' volume: {what}; check --inplane and --spacing")
 
 
 def model_args_of(opts: TrainOptions, config: Config) -> dict[str, Any]:

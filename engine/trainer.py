@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -176,7 +177,7 @@ class Trainer:
         self.served = str(loop_state.get("served", "student"))
         # the curve of the run being continued: the checkpoint's own folder (not --out's history,
         # which under --resume OTHER --overwrite belongs to the run being replaced)
-        source = path.parent / self.history.path.name
+        source = path.resolve().parent / self.history.path.name
         self.history.rows = [r for r in load_history(source) if _int(r.get("step")) <= self.step]
         log.info(f"resumed from {path} at step {self.step} of {self.total_steps}"
                  + (" (its epoch end is still to be logged)" if self.pending_end else ""))
@@ -221,8 +222,6 @@ class Trainer:
     def run(self, run_log: RunLog | None = None) -> dict[str, Any]:
         """Train from ``step`` to the end (or a stop). Returns the summary (see :func:`fit`)."""
         opts = self.opts
-        if self.dist.is_main:
-            self._open_records(run_log)
         if opts.workers > 0:
             # Loader workers share the trainer's heap copy-on-write. A full garbage collection (in a
             # worker or here) writes to the header of every tracked object and so duplicates those
@@ -231,6 +230,8 @@ class Trainer:
             gc.collect()
             gc.freeze()
         try:
+            if self.dist.is_main:
+                self._open_records(run_log)  # inside: a failed start releases the lock it took
             self.open_loaders()
             self.slices_seen, self.window_t0 = 0, time.time()
             preempt = PreemptionFlag().install()
@@ -448,7 +449,9 @@ class Trainer:
             ema=self.teacher.state_dict() if self.teacher is not None else None,
             semi_state={"thresholds": parts.thresholds.state_dict()} if parts is not None else None,
             loop={"meter": self.meter.state_dict(), "pending_end": pending, "elapsed_s": self.seconds(),
-                  "served": self.served})
+                  "served": self.served,
+                  # a requeued job continues this checkpoint whatever its flags say (engine.build)
+                  "slurm_job": os.environ.get("SLURM_JOB_ID")})
         if kind == "best" and self.served == "ema" and self.teacher is not None:
             ckpt.student_model, ckpt.model = ckpt.model, self.teacher.module.state_dict()
             ckpt.served = "ema"

@@ -23,9 +23,17 @@ TINY_OPTIONS = {"width": 4, "blocksize": 32, "inplane": (32, 32), "batchsize": 2
                 "steps_per_epoch": 2, "workers": 0, "device": "cpu"}
 
 
+@pytest.fixture(autouse=True)
+def _not_a_slurm_job(monkeypatch):
+    """Tests that want a Slurm job set SLURM_JOB_ID themselves; one inherited from a CI job run under
+    Slurm would make every checkpoint "this job's" (engine.build.find_resume)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+
 def script_env(**extra: str) -> dict[str, str]:
     """Environment for running the repository's scripts as subprocesses (one thread each)."""
-    env = dict(os.environ)
+    # a CI job run under Slurm must not look like a requeued training job (engine.build.find_resume)
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
     # UTF-8 both ways whatever the CI locale is: reports print "±" and "→"
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"})

@@ -285,7 +285,7 @@ def test_organ_kept_is_the_share_of_each_organs_volume_the_grid_keeps(caplog):
     config = load_config()
     with caplog.at_level(logging.INFO, logger="unimos"):
         _note_cropped_organs([Vol({"liver": 0.2, "spleen": 1.0}), Vol({"liver": 0.95}), Vol(None)], config)
-    assert "keeps less than 50% of labeled organs' volume: liver in 1 case(s), down to 20 %" in caplog.text
+    assert "keeps less than 50 % of labeled organs' volume: liver in 1 case(s), down to 20 %" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="unimos"):
         _note_cropped_organs([Vol({"liver": 0.95})], config)

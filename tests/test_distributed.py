@@ -291,7 +291,8 @@ def test_final_sh_single_process_passes_arguments_and_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "value"), [("SLURM_ARRAY_TASK_ID", "5"), ("GPUS_PER_NODE", "2x"),
-                                           ("NNODES", "0"), ("GRACE", "-1"), ("MASTER_PORT", "x")])
+                                           ("NNODES", "0"), ("GRACE", "-1"), ("MASTER_PORT", "x"),
+                                           ("GPUS_PER_NODE", "08")])
 def test_final_sh_bad_environment_is_one_line_exit_2(tmp_path, name, value):
     """An array index past the three views was bash's "unbound variable"; "2x" GPUs per node an
     arithmetic error, after which one process ran anyway."""

@@ -344,7 +344,7 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(tiny_data, 
     assert [r["step"] for r in rows] == ["2", "4", "6"] and rows[:2] == ref
 
 
-def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data, tmp_path):
+def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data, tmp_path, monkeypatch):
     """Two runs started in one --out wrote over each other's checkpoints and history, both exiting 0.
     A live holder (here a sleeping process of this machine) refuses the second; a lock left by a dead
     process, or by this Slurm job before its requeue, is taken over; the run removes its own lock."""
@@ -355,10 +355,10 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data
     out = tmp_path / "run"
     out.mkdir()
     lock = out / ".run_axial.lock"
+    from utils.fileio import _HOST
+
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from utils.fileio import _HOST
-
         lock.write_text(json.dumps({"host": _HOST, "pid": holder.pid, "start": _proc_start(holder.pid),
                                     "since": "today"}))
         with pytest.raises(InputError, match=r"\.run_axial\.lock: --out's axial training is in use by "
@@ -377,9 +377,42 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_lives(tiny_data
     fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
     assert not lock.exists()
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "77"}))
-    os.environ["SLURM_JOB_ID"] = "77"  # the same job, requeued on another node
-    try:
-        fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
-    finally:
-        del os.environ["SLURM_JOB_ID"]
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued on another node
+    fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
     assert not lock.exists()
+    # on this machine the same job's live process is checked like any other (two runs of one
+    # allocation): refused
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": _HOST, "pid": holder.pid, "start": _proc_start(holder.pid),
+                                    "slurm_job": "77"}))
+        with pytest.raises(InputError, match="in use by another run"):
+            fit(train_options(tiny_data, out, semi=False, epochs=1, steps_per_epoch=1, overwrite=True))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_overwrite_under_final_sh_starts_over_once_and_a_requeue_continues(tiny_data, tiny_runs, tmp_path,
+                                                                          monkeypatch):
+    """Final.sh passes --resume auto and, after a requeue, the same flags again. --overwrite then never
+    started afresh (auto found the old run), and --resume OTHER --overwrite threw the progress away
+    at every requeue. Now the job's own checkpoint is continued, and only then."""
+    import shutil
+
+    from utils.fileio import sha256_file
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_runs["sup"], out)  # an earlier, finished run
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    summary = fit(train_options(tiny_data, out, semi=False, resume="auto", overwrite=True, epochs=1))
+    assert summary["steps"] == 2  # started afresh, not "nothing to do" on the old run
+    last = sha256_file(out / LAST)
+    summary = fit(train_options(tiny_data, out, semi=False, resume="auto", overwrite=True, epochs=1))
+    assert summary["steps"] == 2 and sha256_file(out / LAST) == last  # requeued: continued, nothing to do
+    other = tiny_runs["semi"] / LAST
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # a new job: from OTHER, replacing the run
+    fit(train_options(tiny_data, out, semi=False, resume=str(other), overwrite=True, epochs=3))
+    done = sha256_file(out / LAST)
+    summary = fit(train_options(tiny_data, out, semi=False, resume=str(other), overwrite=True, epochs=3))
+    assert summary["steps"] == 6 and sha256_file(out / LAST) == done  # its requeue keeps the progress

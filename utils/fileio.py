@@ -248,17 +248,19 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _lock_is_stale(holder: dict[str, Any]) -> bool:
-    if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
-        return True  # this Slurm job before its requeue (possibly on another node)
     if holder.get("host") != _HOST:
-        return False  # another machine's process: it cannot be checked from here
+        # another machine's process cannot be checked from here; only this very Slurm job, requeued
+        # onto another node, may take it (two runs of one allocation on one node are checked below)
+        job = holder.get("slurm_job")
+        return bool(job) and job == os.environ.get("SLURM_JOB_ID")
     pid = holder.get("pid")
     if pid == os.getpid():
         return True
     if not isinstance(pid, int) or not _pid_alive(pid):
         return True
-    start = holder.get("start")
-    return start is not None and _proc_start(pid) != start  # the pid now belongs to another process
+    start, now = holder.get("start"), _proc_start(pid)
+    # the pid now belongs to another process; an unreadable /proc (hidepid) proves nothing
+    return start is not None and now is not None and now != start
 
 
 def acquire_run_lock(path: str | os.PathLike, what: str) -> Path:
@@ -303,17 +305,24 @@ def acquire_run_lock(path: str | os.PathLike, what: str) -> Path:
                              "delete this file if that run is gone") from None
         except OSError as err:
             raise InputError(path, f"cannot create the run lock ({err.strerror})") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me) + "\n")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me) + "\n")
+        except OSError as err:  # a full disk: no empty lock left to block the next minute's runs
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise write_failure(path, err) from None
         return path
     raise InputError(path, "cannot take the run lock (other runs keep starting here)")
 
 
 def release_run_lock(path: str | os.PathLike) -> None:
-    """Remove the lock file at ``path`` if this process holds it."""
+    """Remove the lock file at ``path`` if this process (host, pid and start time) holds it."""
     path = Path(path)
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        holder = json.loads(path.read_text())
+        if (holder.get("host"), holder.get("pid"), holder.get("start")) == (
+                _HOST, os.getpid(), _proc_start(os.getpid())):
             path.unlink()
 
 

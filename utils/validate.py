@@ -280,6 +280,8 @@ def _check_resume(args: Any, config: Any, out: Path) -> None:
 
     name = f"resu_last_{args.view}.pth.tar"
     if args.resume == "auto":
+        if getattr(args, "overwrite", False):
+            return  # the checkpoints there are to be replaced (or, requeued, checked when loaded)
         path = out / name
         if not path.is_file():
             return  # nothing to resume yet: a fresh start
