@@ -278,13 +278,14 @@ def _nifti_header(path: Path, gz: bool):
         return (nib.Nifti2Header if two else nib.Nifti1Header).from_fileobj(fh)
 
 
-def _raw_pixdim(path: Path) -> tuple[float, float, float] | None:
-    """pixdim[1..3] as stored in a NIfTI-1/2 header (None when the header cannot be parsed)."""
+def _raw_pixdim(path: Path, gz: bool) -> tuple[float, float, float] | None:
+    """pixdim[1..3] as stored in a NIfTI-1/2 header (None when the header cannot be parsed); ``gz``:
+    the file is gzip-compressed (:func:`_is_gzip`)."""
     import gzip
     import struct
 
     try:
-        opener = gzip.open if _is_gzip(path) else open
+        opener = gzip.open if gz else open
         with opener(path, "rb") as fh:
             head = fh.read(540)
         for order in ("<", ">"):
@@ -356,7 +357,7 @@ def check_nifti_header(path: str | Path) -> None:
         raise InputError(path, f"has a zero-sized dimension (NIfTI dim {shape})")
     # ITK's reader (and nibabel's header check) turn a zero or NaN pixdim into 1 mm: check the
     # header's own bytes.
-    zooms = _raw_pixdim(path)
+    zooms = _raw_pixdim(path, gz)
     if zooms is not None and len(shape) >= 3:
         check_spacing(path, zooms)
     _check_qform_sform(path, header)

@@ -66,26 +66,25 @@ def check_out_folder(out: Path) -> None:
         raise InputError(out, f"cannot create output folder: {anc} is not writable")
 
 
-def check_existing_run(opts: TrainOptions) -> None:
+def check_existing_run(opts: TrainOptions, resume: Path | None) -> None:
     """Refuse to start afresh over this view's checkpoints in ``--out``.
 
     A fresh run used to replace a finished run's ``resu_best``/``resu_last`` (and rewrite its
-    history) without a word. Continuing it (``--resume auto``, or ``--resume`` naming its own last
-    checkpoint or folder) and ``--overwrite`` are the two ways to go on.
+    history) without a word. Continuing it (``--resume auto``, or a ``--resume`` that
+    :func:`find_resume` turns into one of ``--out``'s own checkpoints: ``resume``) and
+    ``--overwrite`` are the two ways to go on.
 
     Raises:
         InputError: naming the existing checkpoint.
     """
     out = Path(opts.out)
-    last, best = out / last_name(opts.view), out / best_name(opts.view)
-    existing = [f for f in (last, best) if f.is_file()]
+    own = (out / last_name(opts.view), out / best_name(opts.view))
+    existing = [f for f in own if f.is_file()]
     if not existing or opts.overwrite or opts.resume == "auto":
         return
     if opts.resume:
-        if last.is_file():  # find_resume continues this run (a requeued job passes --resume X again)
-            return
-        if Path(opts.resume).resolve() in {out.resolve(), best.resolve()}:
-            return
+        if resume is not None and resume.resolve() in {f.resolve() for f in own}:
+            return  # continuing this run
         what = f"--resume {opts.resume} would continue another run into it"
     else:
         what = "a fresh run would replace it"

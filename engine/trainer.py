@@ -139,7 +139,8 @@ class Trainer:
 
         opts, dist = self.opts, self.dist
         check_out_folder(self.out)  # created by run(): a failed start leaves nothing behind
-        check_existing_run(opts)
+        resume_path = find_resume(opts)
+        check_existing_run(opts, resume_path)
         if opts.tensorboard:
             tensorboard_writer_class()  # fail now, not after the data is cached
         data = prepare_data(opts, self.config, dist)
@@ -153,7 +154,6 @@ class Trainer:
         # all built from the plain network, before DDP wraps it
         self.net = build_network(opts, self.config, self.device, self.amp_dtype)
         self.semi_parts = build_semi(opts, self.net.model) if self.semi else None
-        resume_path = find_resume(opts)
         if resume_path is not None:
             self.restore(resume_path)
         self.model = wrap_ddp(self.net.model, self.device, dist, sync_bn=opts.sync_bn)
@@ -239,8 +239,6 @@ class Trainer:
                 self._loop(preempt)
             finally:
                 preempt.uninstall()
-            self.close_loaders()
-            self.history.close()
             return self._summary()  # written while the lock is still held
         finally:
             self.close_loaders()
@@ -471,14 +469,19 @@ class Trainer:
                          {"world": self.dist.world, "device": str(self.device), "start_step": self.step})
         self._carry_best_over()
 
+    @property
+    def _resumed_elsewhere(self) -> bool:
+        """Resumed from a checkpoint outside ``--out`` (another run's)."""
+        return self.resumed_from is not None and self.resumed_from.resolve().parent != self.out.resolve()
+
     def _clear_overwritten(self) -> None:
         """``--overwrite``: remove this view's checkpoints, history and summary of the run being
         replaced, now that every check has passed. Left in place, its best checkpoint survived until
         validation beat the new run's restored best score (maybe never), and segment.py served it."""
         if not self.opts.overwrite:
             return
-        if self.resumed_from is not None and self.resumed_from.parent.resolve() == self.out.resolve():
-            return  # --overwrite --resume auto: continuing this very run, nothing is replaced
+        if self.resumed_from is not None and not self._resumed_elsewhere:
+            return  # continuing this very run (a requeued job): nothing is replaced
         view = self.opts.view
         for name in (best_name(view), last_name(view), f"history_{view}.csv", f"train_summary_{view}.json"):
             if (self.out / name).is_file():
@@ -497,7 +500,7 @@ class Trainer:
         from utils.fileio import atomic_path
 
         src = self.resumed_from
-        if src is None or src.parent.resolve() == self.out.resolve():
+        if src is None or not self._resumed_elsewhere:
             return
         best, here = src.parent / best_name(self.opts.view), self.out / best_name(self.opts.view)
         if best.is_file() and not here.exists():

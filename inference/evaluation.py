@@ -195,10 +195,15 @@ def check_ground_truth(gt: Volume, spec: ClassSpec, gt_path: Path) -> None:
         InputError: non-integer or undeclared label values (names the file).
     """
     _check_integer_labels(gt.array, gt_path)
+    _gt_eval_space(gt.array, spec, gt_path)
+
+
+def _gt_eval_space(gt_arr: np.ndarray, spec: ClassSpec, gt_path: Path) -> np.ndarray:
+    """A ground truth's values in evaluation space (its dataset's map first, when one is given)."""
     if spec.gt_dataset is not None:
-        to_eval_space(spec.config.map_labels(spec.gt_dataset, gt.array, gt_path), spec.gt_values, gt_path)
-    else:
-        to_eval_space(gt.array, spec.gt_values, gt_path, spec.allowed)
+        gt_arr = spec.config.map_labels(spec.gt_dataset, gt_arr, gt_path)
+        return to_eval_space(gt_arr, spec.gt_values, gt_path)
+    return to_eval_space(gt_arr, spec.gt_values, gt_path, spec.allowed)
 
 
 def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
@@ -215,12 +220,7 @@ def score_volumes(pred: Volume, gt: Volume, spec: ClassSpec, pred_path: Path,
     if matched is None:
         raise InputError(gt_path, f"grid differs from the prediction {pred_path} "
                          f"({gt.geometry.describe()} vs {pred.geometry.describe()})")
-    gt_arr = matched.array
-    if spec.gt_dataset is not None:
-        gt_arr = spec.config.map_labels(spec.gt_dataset, gt_arr, gt_path)
-        gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path)
-    else:
-        gt_eval = to_eval_space(gt_arr, spec.gt_values, gt_path, spec.allowed)
+    gt_eval = _gt_eval_space(matched.array, spec, gt_path)
     pred_eval = to_eval_space(pred.array, spec.pred_values, pred_path, spec.allowed)
     present = np.flatnonzero(np.bincount(pred.array.astype(np.uint8, copy=False).ravel(), minlength=256))
     clash = unlisted_organ_values(spec, present)

@@ -233,18 +233,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A killed worker whose parent died too may stay a zombie (no init reaps it in a container).
+    state = _proc_stat(pid, 0)
+    return state is None or state not in ("Z", "X")
+
+
+def _proc_stat(pid: int, index: int) -> str | None:
+    """Field ``index`` of /proc/PID/stat after the command name (0: state, 19: start time), or None
+    where it cannot be read (no /proc, the process gone, hidepid)."""
     with contextlib.suppress(OSError, IndexError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[index]
+    return None
 
 
 def _proc_start(pid: int) -> str | None:
     """A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid, it
     names one process, where a pid alone may have been reused since."""
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return None
+    return _proc_stat(pid, 19)
 
 
 def _lock_is_stale(holder: dict[str, Any]) -> bool:
